@@ -1,0 +1,352 @@
+"""The command line (CLI.md): one thin function per command, one exit point.
+
+Signals are handled here only (STYLE.md 8): the first Ctrl-C or SIGTERM asks the
+running clone or server to stop at a safe point and says so; the second aborts.
+Every expected failure is a CloneError, printed as ``ERROR N (SQLSTATE): message``
+plus ``hint: ...``, and mapped to an exit status by :func:`engine.errors.exit_status`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn, Optional
+
+import orjson
+import typer
+
+from engine.config import load_config
+from engine.errors import CloneError, UsageError, exit_status
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Clone a live data directory between hosts, MySQL clone style.")
+
+log = logging.getLogger("clone_agent")
+
+
+def _state_dir() -> str:
+    return os.environ.get("CLONE_AGENT_STATE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".local", "state", "clone-agent")
+
+
+def _fail(err: CloneError, json_mode: bool = False) -> NoReturn:
+    sys.stderr.write(err.line() + "\n")
+    if err.hint:
+        sys.stderr.write(f"hint: {err.hint}\n")
+    sys.stderr.flush()
+    if json_mode:
+        sys.stdout.write(orjson.dumps(err.to_dict()).decode() + "\n")
+        sys.stdout.flush()
+    raise typer.Exit(exit_status(err))
+
+
+@contextmanager
+def _errors(json_mode: bool = False) -> Iterator[None]:
+    """The one exit point for expected failures."""
+    try:
+        yield
+    except CloneError as err:
+        _fail(err, json_mode)
+
+
+class StopFlag:
+    """First SIGINT/SIGTERM: stop at a safe point; second: abort at once."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        sys.stderr.write(f"clone-agent: stopping {self.what} at a safe point "
+                         "(again to abort)\n")
+        sys.stderr.flush()
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="clone-agent: %(message)s", stream=sys.stderr)
+
+
+# -- serve ------------------------------------------------------------------------------
+@app.command()
+def serve(
+    datadir: Path = typer.Argument(..., help="the data directory to serve"),
+    bind: str = typer.Option(..., "--bind", help="HOST:PORT to listen on"),
+    workload: Optional[int] = typer.Option(None, "--workload",
+                                           help="also run the live workload at TPS"),
+    users: Optional[Path] = typer.Option(None, "--users", help="users file (later issue)"),
+    metrics_addr: Optional[str] = typer.Option(None, "--metrics-addr", help="HOST:PORT"),
+    readers: int = typer.Option(2, "--readers", min=1, max=64,
+                                help="reader processes (ours, not MySQL's)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """The donor agent: serve DATADIR until SIGINT/SIGTERM."""
+    _logging(verbose)
+    from donor.server import DonorServer
+    from engine.transport import parse_hostport
+
+    with _errors():
+        host, port = parse_hostport(bind)
+        if workload is not None:
+            raise UsageError("--workload needs the page store, which this build lacks",
+                             hint="serve without --workload")
+        log.warning("authentication is not implemented yet: any user name is accepted")
+        server = DonorServer(str(datadir), host, port, readers=readers)
+
+        def ready(h: str, p: int) -> None:
+            sys.stdout.write(f"ready {h}:{p}\n")
+            sys.stdout.flush()
+
+        with StopFlag("the donor") as stop:
+            server.serve(should_stop=stop, on_ready=ready)
+        log.info("donor stopped")
+
+
+# -- pull -------------------------------------------------------------------------------
+def _parse_source(source: str) -> tuple[str, str, int]:
+    from engine.transport import parse_hostport
+
+    user, at, hostport = source.rpartition("@")
+    if not at or not user:
+        raise UsageError(f"'{source}' is not USER@HOST:PORT", hint="e.g. clone@10.0.0.5:3310")
+    host, port = parse_hostport(hostport)
+    return user, host, port
+
+
+def _password(password_stdin: bool) -> str | None:
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    return os.environ.get("CLONE_AGENT_PASSWORD")
+
+
+def _run_pull(make: Callable[[Any, Callable[[], bool]], Any], json_mode: bool,
+              what: str) -> None:
+    from clone_agent.progress import Reporter
+
+    reporter = Reporter(json_mode)
+    try:
+        with _errors(json_mode), StopFlag(what) as stop:
+            try:
+                summary = make(reporter, stop)
+            except KeyboardInterrupt:
+                from engine.errors import QueryInterrupted
+                raise QueryInterrupted() from None
+    finally:
+        reporter.close()
+    if json_mode:
+        sys.stdout.write(orjson.dumps({"event": "summary", **summary}).decode() + "\n")
+    else:
+        _print_summary(summary)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from clone_agent.progress import human
+
+    st = summary["clone_status"]
+    sys.stderr.write(f"clone {st['state']}: {st['source']} -> {st['destination']}\n")
+    for row in summary["clone_progress"]:
+        if row["state"] != "Not Started":
+            sys.stderr.write(f"  {row['stage']:<10} {row['state']:<11} {human(row['data']):>12}"
+                             f"  {human(row['data_speed'])}/s\n")
+
+
+@app.command()
+def pull(
+    source: str = typer.Argument(..., help="USER@HOST:PORT of the donor"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir",
+                                           help="clone into this new absolute path"),
+    replace: Optional[str] = typer.Option(None, "--replace",
+                                          help="replace this data directory in place"),
+    password_stdin: bool = typer.Option(False, "--password-stdin"),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file of clone_*"),
+    max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency"),
+    autotune_concurrency: Optional[bool] = typer.Option(
+        None, "--autotune-concurrency/--no-autotune-concurrency"),
+    max_data_bandwidth: Optional[int] = typer.Option(None, "--max-data-bandwidth"),
+    max_network_bandwidth: Optional[int] = typer.Option(None, "--max-network-bandwidth"),
+    enable_compression: Optional[bool] = typer.Option(
+        None, "--enable-compression/--no-enable-compression"),
+    buffer_size: Optional[str] = typer.Option(None, "--buffer-size"),
+    ddl_timeout: Optional[int] = typer.Option(None, "--ddl-timeout"),
+    donor_timeout_after_network_failure: Optional[int] = typer.Option(
+        None, "--donor-timeout-after-network-failure"),
+    valid_donor_list: Optional[str] = typer.Option(None, "--valid-donor-list"),
+    require_ssl: Optional[bool] = typer.Option(None, "--require-ssl/--require-no-ssl"),
+    ssl_ca: Optional[str] = typer.Option(None, "--ssl-ca"),
+    connect_timeout: float = typer.Option(10.0, "--connect-timeout",
+                                          help="seconds to reach the donor (ours)"),
+    json_mode: bool = typer.Option(False, "--json", help="NDJSON events on stdout"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """The recipient: clone the donor's data directory."""
+    _logging(verbose)
+    flags = dict(max_concurrency=max_concurrency, autotune_concurrency=autotune_concurrency,
+                 max_data_bandwidth=max_data_bandwidth,
+                 max_network_bandwidth=max_network_bandwidth,
+                 enable_compression=enable_compression, buffer_size=buffer_size,
+                 ddl_timeout=ddl_timeout,
+                 donor_timeout_after_network_failure=donor_timeout_after_network_failure,
+                 valid_donor_list=valid_donor_list, ssl_ca=ssl_ca)
+    with _errors(json_mode):
+        config = load_config(flags, os.environ, config_file)
+        user, host, port = _parse_source(source)
+        if (data_dir is None) == (replace is None):
+            raise UsageError("give exactly one of --data-dir DIR and --replace DATADIR")
+        if replace is not None:
+            raise UsageError("--replace is not available in this build",
+                             hint="clone into a new directory with --data-dir")
+        if require_ssl:
+            raise UsageError("REQUIRE SSL: this build has no TLS transport yet",
+                             hint="use --require-no-ssl, or a trusted network")
+        password = _password(password_stdin)
+        assert data_dir is not None
+
+    from recipient.client import PullOptions, pull as do_pull
+
+    def make(reporter: Any, stop: Callable[[], bool]) -> Any:
+        return do_pull(PullOptions(user=user, host=host, port=port, destination=data_dir,
+                                   config=config, password=password, state_dir=_state_dir(),
+                                   connect_timeout=connect_timeout, should_stop=stop,
+                                   emit=reporter))
+
+    _run_pull(make, json_mode, "the clone")
+
+
+@app.command("clone-local")
+def clone_local(
+    datadir: Path = typer.Argument(..., help="the data directory to copy"),
+    data_dir: str = typer.Option(..., "--data-dir", help="the new absolute path"),
+    json_mode: bool = typer.Option(False, "--json"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """CLONE LOCAL DATA DIRECTORY: the same snapshot, without a network."""
+    _logging(verbose)
+    from donor.local import LocalDonor
+    from recipient.client import PullOptions, check_destination, pull as do_pull
+
+    with _errors(json_mode):
+        if not datadir.is_dir():
+            raise UsageError(f"'{datadir}' is not a directory")
+        dest = check_destination(data_dir)
+        src = os.path.realpath(datadir)
+        if os.path.realpath(os.path.dirname(dest)).startswith(src + os.sep) or \
+                os.path.realpath(os.path.dirname(dest)) == src:
+            from engine.errors import PathInDatadir
+            raise PathInDatadir(src)
+        config = load_config({}, os.environ, None)
+
+    def make(reporter: Any, stop: Callable[[], bool]) -> Any:
+        with LocalDonor(str(datadir)) as donor:
+            return do_pull(PullOptions(user="local", host="localhost", port=0,
+                                       destination=dest, config=config,
+                                       state_dir=_state_dir(), url=donor.url,
+                                       should_stop=stop, emit=reporter))
+
+    _run_pull(make, json_mode, "the clone")
+
+
+# -- status -----------------------------------------------------------------------------
+def _status_view(dest: str) -> dict[str, Any]:
+    from engine.ring import _alive
+    from engine.status import FAILED, IN_PROGRESS, read_status
+
+    data = read_status(dest, _state_dir())
+    st = data["clone_status"]
+    if st.get("state") == IN_PROGRESS and st.get("pid") and not _alive(int(st["pid"])):
+        st["state"] = FAILED  # the clone's process is gone: interrupted (1317 stays)
+    return data
+
+
+@app.command()
+def status(
+    dest: Path = typer.Argument(..., help="the clone's destination"),
+    json_mode: bool = typer.Option(False, "--json"),
+    watch: bool = typer.Option(False, "--watch", help="refresh every second until it ends"),
+) -> None:
+    """Show clone_status and clone_progress for the clone into DEST."""
+    from clone_agent.progress import human
+
+    with _errors(json_mode):
+        while True:
+            data = _status_view(str(dest))
+            if json_mode:
+                sys.stdout.write(orjson.dumps(data).decode() + "\n")
+            else:
+                st = data["clone_status"]
+                for key in ("state", "source", "destination", "begin_time", "end_time",
+                            "error_no", "error_message", "binlog_file", "binlog_position",
+                            "gtid_executed"):
+                    sys.stdout.write(f"{key:>16}: {st.get(key)}\n")
+                sys.stdout.write(f"\n{'STAGE':<10} {'STATE':<11} {'THREADS':>7} "
+                                 f"{'ESTIMATE':>12} {'DATA':>12} {'NETWORK':>12}\n")
+                for row in data["clone_progress"]:
+                    sys.stdout.write(f"{row['stage']:<10} {row['state']:<11} "
+                                     f"{row['threads']:>7} {human(row['estimate']):>12} "
+                                     f"{human(row['data']):>12} {human(row['network']):>12}\n")
+            sys.stdout.flush()
+            if not watch or data["clone_status"]["state"] != "In Progress":
+                return
+            time.sleep(1.0)  # --watch refreshes a display; it waits for no peer
+
+
+# -- demo and bench ---------------------------------------------------------------------
+@app.command()
+def demo(
+    size: str = typer.Option("256MiB", "--size", help="approximate size of the sample tree"),
+) -> None:
+    """Make a sample tree, serve it, pull it over loopback, verify it, clean up."""
+    from bench.demo import run_demo
+    from engine.config import parse_size
+
+    with _errors():
+        run_demo(parse_size(size))
+
+
+@app.command()
+def bench(
+    quick: bool = typer.Option(False, "--quick"),
+    json_mode: bool = typer.Option(False, "--json"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for JSON and charts"),
+    rounds: Optional[int] = typer.Option(None, "--rounds"),
+) -> None:
+    """clone-agent side by side with plain-tool baselines, on the same data, in one run."""
+    from bench.suite import run_bench
+
+    with _errors(json_mode):
+        run_bench(quick=quick, json_mode=json_mode, out=str(out) if out else None,
+                  rounds=rounds)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("ERROR 1317 (70100): Query execution was interrupted\n")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""What a clone sends: the manifest of a data directory and the plan of blocks.
+
+Runs in the donor's coordinator. The manifest lists directories before their
+contents (sorted, so a plan is the same for the same tree); every regular file gets
+an id. The plan cuts files into blocks of at most BLOCK_SIZE bytes; files smaller
+than a block are batched into one block (up to MAX_SEGMENTS of them), so that a small
+file never costs a round trip. Holes are found by the readers (SEEK_DATA), not here.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from typing import Any
+
+from engine.codec import BLOCK_SIZE, MAX_SEGMENTS
+
+log = logging.getLogger("clone_agent.donor")
+
+#: Top-level folders that belong to a clone or a running server, never cloned.
+SKIP_TOP = {"#clone", "#ib_archive"}
+
+
+@dataclass
+class Entry:
+    id: int
+    kind: str  # "d" directory, "f" regular file, "l" symbolic link
+    rel: str
+    path: str
+    size: int
+    mode: int
+    mtime_ns: int
+    target: str = ""
+
+    def wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "t": self.kind, "s": self.size,
+                               "m": self.mode, "mt": self.mtime_ns}
+        try:
+            self.rel.encode("utf-8")
+            out["p"] = self.rel
+        except UnicodeEncodeError:  # a name that is not UTF-8 travels as its raw bytes
+            out["pb"] = base64.b64encode(os.fsencode(self.rel)).decode()
+        if self.kind == "l":
+            out["lt"] = base64.b64encode(os.fsencode(self.target)).decode()
+        return out
+
+
+def scan(root: str) -> list[Entry]:
+    """Walk ``root`` (not following links): directories first, then their contents."""
+    entries: list[Entry] = []
+
+    def walk(abs_dir: str, rel_dir: str) -> None:
+        try:
+            with os.scandir(abs_dir) as it:
+                children = sorted(it, key=lambda e: e.name)
+        except FileNotFoundError:  # removed while we walked: a live directory
+            return
+        subdirs = []
+        for child in children:
+            if not rel_dir and child.name in SKIP_TOP:
+                continue
+            rel = f"{rel_dir}/{child.name}" if rel_dir else child.name
+            try:
+                st = child.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISDIR(st.st_mode):
+                entries.append(Entry(len(entries), "d", rel, child.path, 0, mode, st.st_mtime_ns))
+                subdirs.append((child.path, rel))
+            elif stat.S_ISREG(st.st_mode):
+                entries.append(
+                    Entry(len(entries), "f", rel, child.path, st.st_size, mode, st.st_mtime_ns)
+                )
+            elif stat.S_ISLNK(st.st_mode):
+                entries.append(Entry(len(entries), "l", rel, child.path, 0, mode, st.st_mtime_ns,
+                                     os.readlink(child.path)))
+            else:
+                log.warning("skipping %s: not a file, directory or link", rel)
+        for path, rel in subdirs:
+            walk(path, rel)
+
+    walk(root, "")
+    return entries
+
+
+Segment = list[Any]  # [file_id, absolute path, offset, length]
+
+
+def plan(entries: list[Entry], block_size: int = BLOCK_SIZE) -> list[list[Segment]]:
+    """Cut the files into blocks; each block is a list of segments."""
+    blocks: list[list[Segment]] = []
+    batch: list[Segment] = []
+    batch_bytes = 0
+    for e in entries:
+        if e.kind != "f" or e.size == 0:
+            continue
+        if e.size >= block_size:
+            for off in range(0, e.size, block_size):
+                blocks.append([[e.id, e.path, off, min(block_size, e.size - off)]])
+            continue
+        if batch and (batch_bytes + e.size > block_size or len(batch) >= MAX_SEGMENTS):
+            blocks.append(batch)
+            batch, batch_bytes = [], 0
+        batch.append([e.id, e.path, 0, e.size])
+        batch_bytes += e.size
+    if batch:
+        blocks.append(batch)
+    return blocks

@@ -1,0 +1,374 @@
+"""The donor agent: one ROUTER socket, one clone session at a time, a pool of readers.
+
+Runs in the ``serve`` process, which is the coordinator: it owns the ZeroMQ socket,
+the shared-memory ring and the reader pool, and it alone handles signals (the
+``should_stop`` callback). Bulk bytes go disk -> ring slot (a reader's ``preadv``) ->
+network (a zero-copy ZeroMQ send from the same slot). A slot is reused only when the
+recipient has acknowledged its block *and* ZeroMQ's tracker says the message is freed.
+
+A session is torn down when the recipient sends EXIT, when it has been silent for
+``idle_timeout`` seconds (it died), or when the donor stops (its streams then get
+ERROR 1317, as a killed MySQL clone reports). A second recipient while one clone runs
+gets ERROR 3634, MySQL's "too many concurrent clones" (the maximum is 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from donor.plan import Entry, plan, scan
+from engine import protocol as P
+from engine.codec import BLOCK_SIZE
+from engine.errors import (
+    CloneError, ProtocolError, QueryInterrupted, TooManyClones, UsageError,
+)
+from engine.ring import Ring, sweep_stale
+from engine.stage import Pipeline
+from engine.transport import router
+
+log = logging.getLogger("clone_agent.donor")
+
+AGENT_VERSION = "clone-agent 0.1"
+KEEPALIVE_EVERY = 5.0  #: seconds, as MySQL's donor while it waits
+
+
+class Stream:
+    def __init__(self, ident: bytes, index: int) -> None:
+        self.ident = ident
+        self.index = index
+        self.credit = 0
+        self.sent = 0
+
+
+class Session:
+    """One clone in progress on the donor."""
+
+    def __init__(self, server: DonorServer, clone_id: int, master: bytes,
+                 body: dict[str, Any]) -> None:
+        self.server = server
+        self.clone_id = clone_id
+        self.snapshot_id = secrets.token_hex(8)
+        self.version = P.negotiate(P.want(body, "version", int, 0, 255))
+        self.user = str(body.get("user", ""))
+        self.streams: dict[bytes, Stream] = {master: Stream(master, 0)}
+        self.master = master
+        self.entries: list[Entry] = scan(server.datadir)
+        self.blocks = plan(self.entries)
+        self.total_bytes = sum(e.size for e in self.entries if e.kind == "f")
+        self.next_block = 0
+        self.ready: deque[list[Any]] = deque()
+        self.inflight: dict[int, tuple[int, Any]] = {}
+        self.acked = 0
+        self.complete_sent = False
+        self.last_heard = time.monotonic()
+        self.last_sent = time.monotonic()
+        self._rr = 0
+        log.info("clone %d: %d files, %d bytes, %d blocks, for user %r", clone_id,
+                 sum(1 for e in self.entries if e.kind == "f"), self.total_bytes,
+                 len(self.blocks), self.user)
+
+    def config_body(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "clone_id": self.clone_id,
+            "snapshot_id": self.snapshot_id,
+            "server_version": AGENT_VERSION,
+            "os": platform.system(),
+            "machine": platform.machine(),
+            "data_dir": os.path.basename(os.path.abspath(self.server.datadir)),
+            "files": len(self.entries),
+            "bytes": self.total_bytes,
+            "blocks": len(self.blocks),
+            "block_size": BLOCK_SIZE,
+            "files_page": P.MAX_FILES_PAGE,
+        }
+
+    def files_page(self, page: int) -> dict[str, Any]:
+        start = page * P.MAX_FILES_PAGE
+        chunk = self.entries[start : start + P.MAX_FILES_PAGE]
+        return {"page": page, "entries": [e.wire() for e in chunk],
+                "last": start + P.MAX_FILES_PAGE >= len(self.entries)}
+
+
+class DonorServer:
+    """Serves ``datadir`` on ``host:port`` until ``should_stop()`` says so."""
+
+    def __init__(self, datadir: str, host: str, port: int, readers: int = 2,
+                 slots: int = 32, idle_timeout: float = 60.0, url: str | None = None) -> None:
+        if not os.path.isdir(datadir):
+            raise UsageError(f"'{datadir}' is not a directory", hint="serve a data directory")
+        self.datadir = os.path.abspath(datadir)
+        self.host = host
+        self.port = port
+        self.n_readers = readers
+        self.slots = slots
+        self.idle_timeout = idle_timeout
+        self.url = url
+        self.session: Session | None = None
+        self._next_clone_id = 1
+        self.ctx: zmq.Context[Any] | None = None
+        self.sock: zmq.Socket[Any] | None = None
+        self.ring: Ring | None = None
+        self.readers: Pipeline | None = None
+        self._releasing: list[tuple[int, Any]] = []
+
+    # -- lifetime -------------------------------------------------------------------
+    def serve(self, should_stop: Callable[[], bool],
+              on_ready: Callable[[str, int], None]) -> None:
+        sweep_stale()
+        self.ctx = zmq.Context(io_threads=2)
+        try:
+            self.sock, self.port = router(self.ctx, self.host, self.port, self.url)
+            self.ring = Ring(self.slots, BLOCK_SIZE)
+            self._start_readers()
+            on_ready(self.host, self.port)
+            self._loop(should_stop)
+        finally:
+            self._shutdown()
+
+    def _start_readers(self) -> None:
+        assert self.ring is not None and self.ctx is not None
+        self.readers = Pipeline(
+            "reader", "donor.reader:Reader", self.n_readers,
+            {"ring": self.ring.name, "capacity": self.ring.capacity,
+             "slot_size": self.ring.slot_size},
+            self.ctx,
+        )
+        try:
+            self.readers.start()
+            self.readers.wait_ready(60)
+        except BaseException:
+            self.readers.close(abort=True)
+            raise
+
+    def _shutdown(self) -> None:
+        if self.session is not None:
+            self._end_session(QueryInterrupted(), send_error=True)
+        if self.readers is not None:
+            try:
+                self.readers.close()
+            except CloneError as exc:
+                log.warning("reader pool ended badly: %s", exc.message)
+        self._wait_trackers(5.0)
+        if self.sock is not None:
+            self.sock.close(0)
+        if self.ring is not None:
+            self.ring.close()
+        if self.ctx is not None:
+            self.ctx.term()
+
+    def _wait_trackers(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._releasing and time.monotonic() < deadline:
+            self._reap_trackers()
+            if self._releasing:
+                time.sleep(0.01)  # a ZeroMQ I/O thread frees the frames; nothing to poll
+
+    # -- the loop -------------------------------------------------------------------
+    def _loop(self, should_stop: Callable[[], bool]) -> None:
+        assert self.sock is not None and self.readers is not None
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        outbox = self.readers.outbox
+        poller.register(outbox, zmq.POLLIN)
+        while not should_stop():
+            ready = dict(poller.poll(100))
+            if self.sock in ready:
+                for _ in range(512):
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._on_message(frames)
+            try:
+                for _, _, reply in self.readers.events():
+                    self._on_read(reply)
+            except CloneError as exc:
+                log.error("reader failed: %s", exc.message)
+                if self.session is not None:
+                    self._end_session(exc, send_error=True)
+                self._restart_readers(poller)
+                outbox = self.readers.outbox
+            self._pump()
+
+    def _restart_readers(self, poller: zmq.Poller) -> None:
+        assert self.readers is not None
+        poller.unregister(self.readers.outbox)
+        self.readers.close(abort=True)
+        self._start_readers()
+        poller.register(self.readers.outbox, zmq.POLLIN)
+
+    # -- messages -------------------------------------------------------------------
+    def _reply(self, ident: bytes, frames: list[Any], **kw: Any) -> Any:
+        assert self.sock is not None
+        try:
+            return self.sock.send_multipart([ident, *frames], **kw)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer is gone
+            log.info("cannot reach a recipient: %s", exc.strerror)
+            return None
+
+    def _on_message(self, frames: list[Any]) -> None:
+        ident = bytes(frames[0].buffer)
+        try:
+            msg = P.decode(frames[1:], P.CMD)
+            self._dispatch(ident, msg)
+        except CloneError as exc:
+            log.warning("recipient error: %s", exc.message)
+            self._reply(ident, P.error_response(exc.errno, exc.message))
+            s = self.session
+            if s is not None and ident in s.streams:
+                self._end_session(exc, send_error=True)
+
+    def _dispatch(self, ident: bytes, msg: P.Message) -> None:
+        s = self.session
+        if msg.kind == P.INIT:
+            if s is not None:
+                if time.monotonic() - s.last_heard < self.idle_timeout:
+                    raise TooManyClones(1)
+                self._end_session(QueryInterrupted(), send_error=True)
+            clone_id = self._next_clone_id
+            self._next_clone_id += 1
+            self.session = Session(self, clone_id, ident, msg.body)
+            self._reply(ident, P.response(P.CONFIG, self.session.config_body()))
+            return
+        if s is None or (msg.body.get("clone_id") != s.clone_id):
+            raise ProtocolError("no such clone (it ended, or the donor restarted)")
+        s.last_heard = time.monotonic()
+        if msg.kind == P.ATTACH:
+            if len(s.streams) >= P.MAX_STREAMS:
+                raise ProtocolError(f"more than {P.MAX_STREAMS} streams")
+            if ident not in s.streams:
+                s.streams[ident] = Stream(ident, len(s.streams))
+            self._reply(ident, P.response(P.LOCS, {"clone_id": s.clone_id,
+                                                   "stream": s.streams[ident].index}))
+            return
+        stream = s.streams.get(ident)
+        if stream is None:
+            raise ProtocolError("a stream that did not ATTACH")
+        if msg.kind == P.EXECUTE:
+            what = msg.body.get("what")
+            if what == "files":
+                page = P.want(msg.body, "page", int, 0, P.MAX_FILES // P.MAX_FILES_PAGE)
+                self._reply(ident, P.response(P.FILES, s.files_page(page)))
+            elif what == "data":
+                stream.credit = P.want(msg.body, "credit", int, 0, P.MAX_CREDIT)
+            else:
+                raise ProtocolError(f"EXECUTE of unknown work {what!r}")
+        elif msg.kind == P.ACK:
+            blocks = P.want(msg.body, "blocks", list)
+            credit = P.want(msg.body, "credit", int, 0, P.MAX_CREDIT)
+            for seq in blocks:
+                held = s.inflight.pop(seq, None) if isinstance(seq, int) else None
+                if held is None:
+                    raise ProtocolError(f"ACK of block {seq!r} that is not in flight")
+                self._releasing.append(held)
+                s.acked += 1
+            stream.credit = min(stream.credit + credit, P.MAX_CREDIT)
+        elif msg.kind == P.EXIT:
+            if not msg.body.get("ok", False):
+                log.info("clone %d: recipient gave up: %s", s.clone_id,
+                         msg.body.get("error_message", ""))
+            else:
+                log.info("clone %d completed (%d blocks)", s.clone_id, s.acked)
+            self._end_session(None, send_error=False)
+        else:
+            raise ProtocolError(f"unexpected command {msg.name}")
+
+    def _on_read(self, reply: list[Any]) -> None:
+        (clone_id, seq), slot, length, xxh, segs, span = reply
+        s = self.session
+        if s is None or clone_id != s.clone_id:
+            assert self.ring is not None
+            self.ring.release(slot)  # a read for a clone that has ended
+            return
+        s.ready.append([seq, slot, length, xxh, segs, span])
+
+    # -- moving blocks --------------------------------------------------------------
+    def _reap_trackers(self) -> None:
+        assert self.ring is not None
+        keep = []
+        for slot, tracker in self._releasing:
+            if tracker is None or tracker.done:
+                self.ring.release(slot)
+            else:
+                keep.append((slot, tracker))
+        self._releasing = keep
+
+    def _pump(self) -> None:
+        self._reap_trackers()
+        s = self.session
+        if s is None:
+            return
+        assert self.ring is not None and self.readers is not None
+        now = time.monotonic()
+        if now - s.last_heard > self.idle_timeout:
+            log.warning("clone %d: recipient silent for %.0f s; dropping the clone",
+                        s.clone_id, now - s.last_heard)
+            self._end_session(None, send_error=False)
+            return
+        while s.next_block < len(s.blocks):
+            slot = self.ring.acquire()
+            if slot is None:
+                break
+            w = self.readers.least_loaded()
+            self.readers.submit(w, ["read", [s.clone_id, s.next_block], slot,
+                                    s.blocks[s.next_block]])
+            s.next_block += 1
+        streams = list(s.streams.values())
+        while s.ready:
+            stream = None
+            for i in range(len(streams)):
+                cand = streams[(s._rr + i) % len(streams)]
+                if cand.credit > 0:
+                    stream = cand
+                    s._rr = (s._rr + i + 1) % len(streams)
+                    break
+            if stream is None:
+                break
+            seq, slot, length, xxh, segs, span = s.ready.popleft()
+            body = {"seq": seq, "len": length, "xxh": xxh, "comp": 0, "raw": length,
+                    "span": span, "segs": segs}
+            tracker = self._reply(stream.ident,
+                                  P.response(P.DATA_DESC, body, self.ring.slot(slot, length)),
+                                  copy=False, track=True)
+            if tracker is None:
+                self.ring.release(slot)
+                self._end_session(None, send_error=False)
+                return
+            stream.credit -= 1
+            stream.sent += 1
+            s.inflight[seq] = (slot, tracker)
+            s.last_sent = now
+        if s.acked == len(s.blocks) and not s.complete_sent:
+            s.complete_sent = True
+            self._reply(s.master, P.response(P.COMPLETE, {"clone_id": s.clone_id,
+                                                          "state": "FILE COPY",
+                                                          "blocks": s.acked}))
+            s.last_sent = now
+        if now - s.last_sent > KEEPALIVE_EVERY:
+            self._reply(s.master, P.response(P.KEEPALIVE, {"clone_id": s.clone_id}))
+            s.last_sent = now
+
+    def _end_session(self, err: CloneError | None, send_error: bool) -> None:
+        s = self.session
+        if s is None:
+            return
+        self.session = None
+        if send_error and err is not None:
+            for ident in s.streams:
+                self._reply(ident, P.error_response(err.errno, err.message))
+        assert self.ring is not None and self.readers is not None
+        for slot, tracker in s.inflight.values():
+            self._releasing.append((slot, tracker))
+        for item in s.ready:
+            self.ring.release(item[1])
+        self.readers.broadcast(["reset"])

@@ -1,0 +1,14 @@
+"""The shared core of clone-agent. It imports nothing from donor/ or recipient/.
+
+| module     | owns                                                                      |
+|------------|---------------------------------------------------------------------------|
+| errors     | error classes: MySQL number, SQLSTATE, message, hint, exit status         |
+| config     | clone_* variables: defaults, ranges, loading (flag > env > TOML > default) |
+| ring       | shared-memory ring: fixed slots, explicit capacity, stats(), no leftovers |
+| stage      | a pool of worker processes: run loop, descriptor channel, outcomes, stop  |
+| codec      | block framing, xxh3 checksums, compression (none / lz4 / zstd)            |
+| protocol   | message types, framing, limits, version negotiation, locators            |
+| transport  | ZeroMQ sockets and options; zmq errors translated at this edge            |
+| fsutil     | durable writes, syncfs, the checks applied to every name from the network |
+| status     | clone_status / clone_progress, persisted under #clone/                   |
+"""

@@ -1,0 +1,81 @@
+"""Block framing: xxh3 checksums, compression (none / lz4 / zstd), segment lists.
+
+A *block* is the unit of one data message (about 1 MiB, like MySQL's data packets).
+Its bytes are the concatenation of its *segments* (``[file_id, offset, length]``),
+so that many small files share one block. The checksum is xxh3_64 of the bytes as
+they travel (after compression, when compressed), and is checked before anything
+is written or acknowledged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import xxhash
+
+BLOCK_SIZE = 1 << 20  #: bytes of file data in a full block (MySQL: 64 pages of 16 KiB)
+BLOCKS_PER_CHUNK = 64  #: a chunk is the unit of reservation and restart
+MAX_SEGMENTS = 4096  #: segments in one block (small files batched)
+
+COMP_NONE = 0
+COMP_LZ4 = 1
+COMP_ZSTD = 2
+CODECS = {"none": COMP_NONE, "lz4": COMP_LZ4, "zstd": COMP_ZSTD}
+
+
+def checksum(data: Any) -> int:
+    """xxh3_64 of a buffer (bytes, memoryview, mmap slice), without copying it."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def segments_length(segments: list[list[int]]) -> int:
+    return sum(seg[2] for seg in segments)
+
+
+class Compressor:
+    """Compresses one block at a time; reuses its state between blocks."""
+
+    def __init__(self, codec: int, level: int = 1) -> None:
+        self.codec = codec
+        if codec == COMP_ZSTD:
+            import zstandard
+
+            self._zc = zstandard.ZstdCompressor(level=level)
+        elif codec == COMP_LZ4:
+            import lz4.block
+
+            self._lz4 = lz4.block
+
+    def compress(self, data: Any) -> bytes | None:
+        """The compressed bytes, or None when they would not be smaller (send as is)."""
+        if self.codec == COMP_NONE:
+            return None
+        if self.codec == COMP_LZ4:
+            out: bytes = self._lz4.compress(data, store_size=False)
+        else:
+            out = self._zc.compress(data)
+        return out if len(out) < len(data) else None
+
+
+class Decompressor:
+    def __init__(self, codec: int) -> None:
+        self.codec = codec
+        if codec == COMP_ZSTD:
+            import zstandard
+
+            self._zd = zstandard.ZstdDecompressor()
+        elif codec == COMP_LZ4:
+            import lz4.block
+
+            self._lz4 = lz4.block
+
+    def decompress(self, data: Any, raw_length: int) -> bytes:
+        if self.codec == COMP_LZ4:
+            out: bytes = self._lz4.decompress(data, uncompressed_size=raw_length)
+        elif self.codec == COMP_ZSTD:
+            out = self._zd.decompress(data, max_output_size=raw_length)
+        else:
+            return bytes(data)
+        if len(out) != raw_length:
+            raise ValueError(f"decompressed {len(out)} bytes, expected {raw_length}")
+        return out

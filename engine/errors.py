@@ -1,0 +1,272 @@
+"""Errors in MySQL's language: a number, a SQLSTATE, a message, a hint, an exit status.
+
+Every expected failure is a :class:`CloneError` subclass. The command line prints
+``ERROR <no> (<sqlstate>): <message>`` and, where there is one, ``hint: <hint>``, and
+exits with :func:`exit_status`. Numbers follow MySQL's clone plugin where MySQL has
+one (see ../shared/MYSQL.md); numbers of our own start at 8000 and are listed in the
+README. Retryable-or-fatal is an attribute (``retryable``), never a match on text.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any, ClassVar
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CloneError(Exception):
+    """Base class: carries ``errno``, ``sqlstate``, a formatted message and a hint."""
+
+    errno: ClassVar[int] = 8000
+    sqlstate: ClassVar[str] = "HY000"
+    template: ClassVar[str] = "%s"
+    default_hint: ClassVar[str | None] = None
+    exit_status: ClassVar[int] = EXIT_FAILURE
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, *args: Any, hint: str | None = None) -> None:
+        self.args_ = args
+        try:
+            message = self.template % args if args else self.template
+        except TypeError:
+            message = self.template + " " + " ".join(map(str, args))
+        self.message = message.replace("%%", "%") if not args else message
+        self.hint = hint if hint is not None else self.default_hint
+        super().__init__(self.message)
+
+    def line(self) -> str:
+        return f"ERROR {self.errno} ({self.sqlstate}): {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error_no": self.errno, "error_message": self.message}
+
+
+# -- MySQL's numbers --------------------------------------------------------------------
+
+
+class DatabaseExists(CloneError):
+    """The clone's DATA DIRECTORY already exists (MySQL answers 1007)."""
+
+    errno = 1007
+    template = "Can't create database '%s'; database exists"
+    default_hint = "choose a path that does not exist yet; the clone creates it"
+
+
+class FileExists(CloneError):
+    errno = 1086
+    template = "File '%s' already exists"
+
+
+class LockWaitTimeout(CloneError):
+    errno = 1205
+    template = "Lock wait timeout exceeded; try restarting transaction"
+    retryable = True
+
+
+class WrongValueForVar(CloneError):
+    """A configuration value out of range or malformed: a usage error (exit 2)."""
+
+    errno = 1231
+    sqlstate = "42000"
+    template = "Variable '%s' can't be set to the value of '%s'"
+    exit_status = EXIT_USAGE
+
+
+class QueryInterrupted(CloneError):
+    errno = 1317
+    sqlstate = "70100"
+    template = "Query execution was interrupted"
+
+
+class PathInDatadir(CloneError):
+    errno = 3632
+    template = "Path is within the current data directory '%s'"
+
+
+class DdlInProgress(CloneError):
+    errno = 3633
+    template = "Concurrent DDL is performed during clone operation. Please try again."
+    retryable = True
+
+
+class TooManyClones(CloneError):
+    errno = 3634
+    template = "Too many concurrent clone operations. Maximum allowed - %d."
+    default_hint = "wait for the running clone to finish, then try again"
+    retryable = True
+
+
+class DonorError(CloneError):
+    """Anything the donor reports or any failure to reach it (MySQL's ER_CLONE_DONOR)."""
+
+    errno = 3862
+    template = "Clone Donor Error: %s."
+
+
+class NetworkError(DonorError):
+    """The network broke under a running clone; a restart may recover (MySQL's ER_NET_*)."""
+
+    retryable = True
+
+
+class ProtocolError(CloneError):
+    """The peer sent something the protocol does not allow (MySQL's ER_CLONE_PROTOCOL)."""
+
+    errno = 3863
+    template = "Clone received unexpected response from Donor : %s."
+
+
+class DonorVersion(CloneError):
+    errno = 3864
+    template = "Clone Donor MySQL version: %s is different from Recipient MySQL version %s."
+
+
+class DonorOS(CloneError):
+    errno = 3865
+    template = "Clone Donor OS: %s is different from Recipient OS: %s."
+
+
+class DonorPlatform(CloneError):
+    errno = 3866
+    template = "Clone Donor platform: %s is different from Recipient platform: %s."
+
+
+class ConfigMismatch(CloneError):
+    errno = 3868
+    template = "Clone Configuration %s: Donor value: %s is different from Recipient value: %s."
+
+
+class SysConfig(CloneError):
+    """Clone system configuration problems, e.g. the donor is not in clone_valid_donor_list."""
+
+    errno = 3869
+    template = "Clone system configuration: %s"
+
+
+class DiskSpace(CloneError):
+    errno = 3873
+    template = "Clone estimated database size is %s. Available space %s is not enough."
+
+
+class CloneInProgress(CloneError):
+    errno = 3874
+    template = "Concurrent clone in progress. Please try after clone is complete."
+    retryable = True
+
+
+# -- numbers of our own (8000+) -------------------------------------------------------
+
+
+class UsageError(CloneError):
+    errno = 8001
+    template = "%s"
+    exit_status = EXIT_USAGE
+
+
+class LocalIOError(CloneError):
+    """A local file operation failed (disk full, permission, ...)."""
+
+    errno = 8002
+    template = "File operation failed: %s"
+
+
+class StageCrashed(CloneError):
+    """A worker process ended with an unexpected exception or died."""
+
+    errno = 8003
+    template = "Clone worker %s failed: %s"
+
+
+class ChecksumMismatch(ProtocolError):
+    """A block's xxh3 checksum did not match its bytes; nothing of it was written."""
+
+    template = "Clone received unexpected response from Donor : %s."
+    default_hint = "the data was damaged in transit or on the donor; run the clone again"
+
+
+class UnsafeName(ProtocolError):
+    """The donor named a file outside the destination or in a form we refuse."""
+
+    default_hint = "the donor is misbehaving or hostile; nothing was written outside the destination"
+
+
+class NotADataDirectory(CloneError):
+    errno = 8004
+    template = "Not a clone-agent data directory: %s"
+
+
+class DataDirectoryLocked(CloneError):
+    errno = 8005
+    template = "Data directory '%s' is in use by another process (pid %s)"
+    default_hint = "stop the other owner (serve or workload) first; a data directory has one owner"
+
+
+class VerifyFailed(CloneError):
+    errno = 8006
+    template = "Verification failed: %s"
+
+
+class NoStatus(CloneError):
+    errno = 8007
+    template = "No clone status found for '%s'"
+    default_hint = "status reads DIR/#clone/ of a clone destination"
+
+
+#: One table from error class to exit status (STYLE.md 4); tests pin it.
+EXIT_STATUS_TABLE: dict[type[CloneError], int] = {
+    cls: cls.exit_status
+    for cls in (
+        CloneError, DatabaseExists, FileExists, LockWaitTimeout, WrongValueForVar,
+        QueryInterrupted, PathInDatadir, DdlInProgress, TooManyClones, DonorError,
+        NetworkError, ProtocolError, DonorVersion, DonorOS, DonorPlatform, ConfigMismatch,
+        SysConfig, DiskSpace, CloneInProgress, UsageError, LocalIOError, StageCrashed,
+        ChecksumMismatch, UnsafeName, NotADataDirectory, DataDirectoryLocked, VerifyFailed,
+        NoStatus,
+    )
+}
+
+
+def exit_status(exc: BaseException) -> int:
+    if isinstance(exc, CloneError):
+        return exc.exit_status
+    return EXIT_FAILURE
+
+
+def by_number(errno: int, message: str, hint: str | None = None) -> CloneError:
+    """Rebuild an error that crossed a process or the network as (number, message)."""
+    cls: type[CloneError] = _BY_NUMBER.get(errno, CloneError)
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.args_ = ()
+    err.message = message
+    err.hint = hint if hint is not None else cls.default_hint
+    if cls is CloneError:
+        err.errno = errno  # type: ignore[misc]
+    return err
+
+
+_BY_NUMBER: dict[int, type[CloneError]] = {}
+for _cls in EXIT_STATUS_TABLE:  # the first (most general) class of each number wins
+    _BY_NUMBER.setdefault(_cls.errno, _cls)
+
+
+def outcome_of(exc: BaseException) -> dict[str, Any]:
+    """What a crashed stage sends back to its coordinator (STYLE.md 6)."""
+    errno = exc.errno if isinstance(exc, CloneError) else 0
+    return {
+        "type": type(exc).__name__,
+        "errno": errno,
+        "message": exc.message if isinstance(exc, CloneError) else f"{type(exc).__name__}: {exc}",
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+def from_oserror(exc: OSError, what: str) -> LocalIOError:
+    """Translate an OSError at the edge into a clear LocalIOError."""
+    reason = exc.strerror or str(exc)
+    err = LocalIOError(f"{what}: {reason}")
+    err.__cause__ = exc
+    return err

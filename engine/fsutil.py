@@ -1,0 +1,110 @@
+"""Durable writes and the name checks the recipient applies to everything the donor says.
+
+Writes are durable by construction (STYLE.md 11): a temporary name in the same
+directory, fsync, rename, fsync the directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Iterable
+
+from engine.errors import UnsafeName
+
+MAX_NAME = 4096  #: bytes in a relative path
+MAX_COMPONENT = 255  #: bytes in one path component
+MAX_DEPTH = 256  #: components in a relative path
+RESERVED_TOP = ("#clone",)  #: names the donor may not send at the top level
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def syncfs(path: str) -> None:
+    """Flush the whole file system holding ``path`` (one call instead of one fsync a file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
+
+
+def check_relpath(name: object) -> str:
+    """Return ``name`` if it is a safe relative path inside a destination, else raise.
+
+    Refused: non-strings, empty, absolute, NUL, ``.`` or ``..`` components, empty
+    components (``a//b``), trailing slash, over-long names, the reserved ``#clone``.
+    """
+    if not isinstance(name, str):
+        raise UnsafeName("file name is not a string")
+    if not name:
+        raise UnsafeName("empty file name")
+    if "\x00" in name:
+        raise UnsafeName(f"file name with a NUL byte: {name!r}")
+    if name.startswith("/"):
+        raise UnsafeName(f"absolute file name {name!r}")
+    try:
+        encoded = os.fsencode(name)
+    except UnicodeError:
+        raise UnsafeName(f"file name {name!r} cannot be encoded") from None
+    if len(encoded) > MAX_NAME:
+        raise UnsafeName(f"file name of {len(encoded)} bytes exceeds {MAX_NAME}")
+    parts = name.split("/")
+    if len(parts) > MAX_DEPTH:
+        raise UnsafeName(f"file name {name[:80]!r}... is nested too deep")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise UnsafeName(f"file name {name!r} has a '{part or '//'}' component")
+        if len(os.fsencode(part)) > MAX_COMPONENT:
+            raise UnsafeName(f"file name component of {len(part)} characters in {name[:80]!r}")
+    if parts[0] in RESERVED_TOP:
+        raise UnsafeName(f"file name {name!r} uses the reserved '{parts[0]}' folder")
+    return name
+
+
+def remove_tree(path: str) -> None:
+    """Remove a tree we created, without following symbolic links out of it."""
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+        return
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            os.chmod(entry.path, 0o700)
+            remove_tree(entry.path)
+        else:
+            os.unlink(entry.path)
+    os.rmdir(path)
+
+
+def ensure_modes(paths: Iterable[str], mode: int) -> None:
+    for path in paths:
+        os.chmod(path, mode)

@@ -1,0 +1,226 @@
+"""The clone protocol: message types, framing, limits, version negotiation, locators.
+
+Modelled on MySQL's clone RPC (../shared/MYSQL.md); docs/protocol.md is the full
+specification. Every message is one ZeroMQ multipart message:
+
+  frame 0  header, 8 bytes: b"CA", u8 protocol version, u8 direction (0 command,
+           1 response), u8 type, 3 bytes zero
+  frame 1  body: one JSON object (UTF-8), at most MAX_BODY bytes
+  frame 2  payload, only in DATA_DESC: the block's bytes (MySQL's DATA, which must
+           directly follow its DATA_DESC), at most MAX_PAYLOAD bytes
+
+Decoding checks every limit before the body is parsed; a violation raises
+:class:`~engine.errors.ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from engine.codec import BLOCK_SIZE, BLOCKS_PER_CHUNK
+from engine.errors import ProtocolError
+
+MAGIC = b"CA"
+PROTOCOL_VERSION = 1
+MIN_PROTOCOL_VERSION = 1
+
+CMD = 0
+RESP = 1
+
+# Commands, recipient -> donor (MySQL's numbers).
+INIT, ATTACH, REINIT, EXECUTE, ACK, EXIT = 1, 2, 3, 4, 5, 6
+# Responses, donor -> recipient (MySQL's numbers; FILES and KEEPALIVE are our own).
+LOCS, DATA_DESC, DATA, PLUGIN, CONFIG, COLLATION = 1, 2, 3, 4, 5, 6
+FILES, KEEPALIVE = 7, 8
+COMPLETE, ERROR = 99, 100
+
+COMMAND_NAMES = {INIT: "INIT", ATTACH: "ATTACH", REINIT: "REINIT", EXECUTE: "EXECUTE",
+                 ACK: "ACK", EXIT: "EXIT"}
+RESPONSE_NAMES = {LOCS: "LOCS", DATA_DESC: "DATA_DESC", CONFIG: "CONFIG", FILES: "FILES",
+                  KEEPALIVE: "KEEPALIVE", COMPLETE: "COMPLETE", ERROR: "ERROR"}
+
+# Limits (a peer that exceeds one is a protocol violation).
+MAX_BODY = 8 << 20  #: bytes in a JSON body (a FILES page of long names fits easily)
+MAX_PAYLOAD = BLOCK_SIZE + (64 << 10)  #: a block plus compression overhead
+MAX_FILES = 10_000_000  #: entries in one manifest
+MAX_FILES_PAGE = 2000  #: entries in one FILES response
+MAX_FILE_SIZE = 1 << 48
+MAX_STREAMS = 128  #: clone_max_concurrency's ceiling
+MAX_CREDIT = 1024  #: blocks in flight on one stream
+
+_HEADER = struct.Struct("<2sBBB3x")
+
+
+@dataclass
+class Message:
+    direction: int
+    kind: int
+    body: dict[str, Any]
+    payload: Any = None  # a zmq.Frame / memoryview for DATA_DESC, else None
+    version: int = PROTOCOL_VERSION
+
+    @property
+    def name(self) -> str:
+        names = COMMAND_NAMES if self.direction == CMD else RESPONSE_NAMES
+        return names.get(self.kind, str(self.kind))
+
+
+def encode(direction: int, kind: int, body: dict[str, Any], payload: Any = None,
+           version: int = PROTOCOL_VERSION) -> list[Any]:
+    frames: list[Any] = [_HEADER.pack(MAGIC, version, direction, kind), orjson.dumps(body)]
+    if payload is not None:
+        frames.append(payload)
+    return frames
+
+
+def command(kind: int, body: dict[str, Any]) -> list[Any]:
+    return encode(CMD, kind, body)
+
+
+def response(kind: int, body: dict[str, Any], payload: Any = None) -> list[Any]:
+    return encode(RESP, kind, body, payload)
+
+
+def error_response(errno: int, message: str) -> list[Any]:
+    return response(ERROR, {"error_no": errno, "error_message": message})
+
+
+def _buf(frame: Any) -> Any:
+    return frame.buffer if hasattr(frame, "buffer") else frame
+
+
+def decode(frames: list[Any], expect: int) -> Message:
+    """Check and decode one multipart message sent in direction ``expect``."""
+    if len(frames) not in (2, 3):
+        raise ProtocolError(f"message of {len(frames)} frames")
+    header = bytes(_buf(frames[0]))
+    if len(header) != _HEADER.size:
+        raise ProtocolError("bad header size")
+    magic, version, direction, kind = _HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ProtocolError("not a clone-agent message (bad magic)")
+    if direction != expect:
+        raise ProtocolError(f"message in the wrong direction ({direction})")
+    names = COMMAND_NAMES if direction == CMD else RESPONSE_NAMES
+    if kind not in names:
+        raise ProtocolError(f"unknown message type {kind}")
+    body_buf = _buf(frames[1])
+    if len(body_buf) > MAX_BODY:
+        raise ProtocolError(f"body of {len(body_buf)} bytes exceeds {MAX_BODY}")
+    try:
+        body = orjson.loads(body_buf)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("body is not JSON") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("body is not a JSON object")
+    payload = None
+    if len(frames) == 3:
+        if not (direction == RESP and kind == DATA_DESC):
+            raise ProtocolError("payload on a message that carries none")
+        payload = _buf(frames[2])
+        if len(payload) > MAX_PAYLOAD:
+            raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    elif direction == RESP and kind == DATA_DESC:
+        raise ProtocolError("DATA_DESC without its DATA")
+    return Message(direction, kind, body, payload, version)
+
+
+def negotiate(recipient_version: int) -> int:
+    """The donor answers the lower of the two versions, if it still speaks it."""
+    version = min(int(recipient_version), PROTOCOL_VERSION)
+    if version < MIN_PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {recipient_version} is older than the oldest supported "
+            f"({MIN_PROTOCOL_VERSION})"
+        )
+    return version
+
+
+def want(body: dict[str, Any], key: str, kind: type | tuple[type, ...], low: int | None = None,
+         high: int | None = None) -> Any:
+    """A field of a peer's body, type- and range-checked."""
+    value = body.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise ProtocolError(f"field '{key}' missing or of the wrong type")
+    if low is not None and value < low or high is not None and value > high:
+        raise ProtocolError(f"field '{key}' = {value} out of range")
+    return value
+
+
+@dataclass
+class Locator:
+    """Where a clone stands: which chunks are done and, for the others, the next block.
+
+    A chunk is ``BLOCKS_PER_CHUNK`` consecutive blocks of the donor's plan (which is
+    fixed by the snapshot), so a stream can resume at (chunk, block) after a network
+    failure and at most one block per chunk is sent twice.
+    """
+
+    clone_id: int
+    snapshot_id: str
+    state: int
+    total_blocks: int
+    chunks_done: bytearray = field(default_factory=bytearray)
+    in_progress: dict[int, int] = field(default_factory=dict)
+    _done_in_chunk: dict[int, set[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        nchunks = -(-self.total_blocks // BLOCKS_PER_CHUNK)
+        if len(self.chunks_done) < (nchunks + 7) // 8:
+            self.chunks_done = bytearray((nchunks + 7) // 8)
+
+    def chunk_size(self, chunk: int) -> int:
+        return min(BLOCKS_PER_CHUNK, self.total_blocks - chunk * BLOCKS_PER_CHUNK)
+
+    def block_done(self, seq: int) -> None:
+        chunk, block = divmod(seq, BLOCKS_PER_CHUNK)
+        if self.is_chunk_done(chunk):
+            return
+        done = self._done_in_chunk.setdefault(chunk, set())
+        done.add(block)
+        if len(done) >= self.chunk_size(chunk):
+            del self._done_in_chunk[chunk]
+            self.in_progress.pop(chunk, None)
+            self.chunks_done[chunk // 8] |= 1 << (chunk % 8)
+        else:
+            self.in_progress[chunk] = max(self.in_progress.get(chunk, 0), block + 1)
+
+    def is_chunk_done(self, chunk: int) -> bool:
+        return bool(self.chunks_done[chunk // 8] & (1 << (chunk % 8)))
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "clone_id": self.clone_id,
+            "snapshot_id": self.snapshot_id,
+            "state": self.state,
+            "total_blocks": self.total_blocks,
+            "chunks_done": base64.b64encode(bytes(self.chunks_done)).decode(),
+            "in_progress": {str(k): v for k, v in self.in_progress.items()},
+        }
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Locator:
+        total = want(body, "total_blocks", int, 0, 1 << 40)
+        try:
+            done = bytearray(base64.b64decode(want(body, "chunks_done", str), validate=True))
+            progress = {int(k): int(v) for k, v in want(body, "in_progress", dict).items()}
+        except (ValueError, TypeError):
+            raise ProtocolError("malformed locator") from None
+        nchunks = -(-total // BLOCKS_PER_CHUNK)
+        if len(done) != (nchunks + 7) // 8 or any(
+            not 0 <= k < nchunks or not 0 <= v <= BLOCKS_PER_CHUNK for k, v in progress.items()
+        ):
+            raise ProtocolError("locator out of range")
+        return cls(
+            clone_id=want(body, "clone_id", int, 0),
+            snapshot_id=want(body, "snapshot_id", str),
+            state=want(body, "state", int, 0, 16),
+            total_blocks=total,
+            chunks_done=done,
+            in_progress=progress,
+        )

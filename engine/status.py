@@ -1,0 +1,215 @@
+"""clone_status and clone_progress: the model, kept durably under ``DIR/#clone/``.
+
+``#clone/#view_status`` and ``#clone/#view_progress`` (JSON) are rewritten atomically
+(temporary name, fsync, rename) at each stage change and at most once a second in
+between. While a clone runs, the error fields hold 1317 "Query execution was
+interrupted", as MySQL does, so that a crashed clone reads as interrupted.
+
+A clone into a new directory that fails removes the directory, ``#clone/`` with it
+(nothing of a half clone stays). Its final status is then kept where MySQL keeps it,
+with the recipient rather than the destination: a record in the state directory
+(``CLONE_AGENT_STATE_DIR``, default ``~/.local/state/clone-agent``), keyed by the
+destination's absolute path, which ``status DIR`` reads when ``DIR/#clone/`` is gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+from engine.errors import CloneError, NoStatus, QueryInterrupted
+from engine.fsutil import write_durable
+
+STAGES = ("DROP DATA", "FILE COPY", "PAGE COPY", "REDO COPY", "FILE SYNC", "RESTART", "RECOVERY")
+NOT_STARTED, IN_PROGRESS, COMPLETED, FAILED = "Not Started", "In Progress", "Completed", "Failed"
+STATUS_DIR = "#clone"
+STATUS_FILE = "#view_status"
+PROGRESS_FILE = "#view_progress"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class StageProgress:
+    id: int
+    stage: str
+    state: str = NOT_STARTED
+    begin_time: str | None = None
+    end_time: str | None = None
+    threads: int = 0
+    estimate: int = 0
+    data: int = 0
+    network: int = 0
+    data_speed: int = 0
+    network_speed: int = 0
+    # Not persisted: the last sample, for current speeds.
+    _t0: float = field(default=0.0, repr=False)
+    _sample: tuple[float, int, int] = field(default=(0.0, 0, 0), repr=False)
+
+    def public(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
+
+@dataclass
+class CloneStatus:
+    id: int = 1
+    pid: int = 0
+    state: str = NOT_STARTED
+    begin_time: str | None = None
+    end_time: str | None = None
+    source: str = ""
+    destination: str = ""
+    error_no: int = 0
+    error_message: str = ""
+    binlog_file: str = ""
+    binlog_position: int = 0
+    gtid_executed: str = ""
+
+
+def _record_path(state_dir: str, destination: str) -> str:
+    key = hashlib.sha1(os.path.abspath(destination).encode()).hexdigest()[:16]
+    return os.path.join(state_dir, f"clone-{key}.json")
+
+
+class StatusBook:
+    """The status and progress of one clone, owned by the recipient's coordinator."""
+
+    def __init__(self, source: str, destination: str, state_dir: str | None = None) -> None:
+        self.status = CloneStatus(pid=os.getpid(), source=source, destination=destination)
+        self.progress = [StageProgress(i + 1, name) for i, name in enumerate(STAGES)]
+        self.dir: str | None = None
+        self.state_dir = state_dir
+        self._last_save = 0.0
+
+    # -- the model --------------------------------------------------------------------
+    def stage(self, name: str) -> StageProgress:
+        return self.progress[STAGES.index(name)]
+
+    def begin(self) -> None:
+        interrupted = QueryInterrupted()
+        self.status.state = IN_PROGRESS
+        self.status.begin_time = now_iso()
+        self.status.error_no = interrupted.errno
+        self.status.error_message = interrupted.message
+
+    def begin_stage(self, name: str, estimate: int = 0, threads: int = 1) -> StageProgress:
+        st = self.stage(name)
+        st.state = IN_PROGRESS
+        st.begin_time = now_iso()
+        st.estimate = estimate
+        st.threads = threads
+        st._t0 = time.monotonic()
+        st._sample = (st._t0, 0, 0)
+        self.save(force=True)
+        return st
+
+    def update(self, name: str, data: int, network: int, threads: int | None = None) -> None:
+        st = self.stage(name)
+        st.data, st.network = data, network
+        if threads is not None:
+            st.threads = threads
+        t = time.monotonic()
+        t0, d0, n0 = st._sample
+        if t - t0 >= 0.5:
+            st.data_speed = int((data - d0) / (t - t0))
+            st.network_speed = int((network - n0) / (t - t0))
+            st._sample = (t, data, network)
+        self.save()
+
+    def end_stage(self, name: str, state: str = COMPLETED) -> None:
+        st = self.stage(name)
+        if st.state == NOT_STARTED and state == COMPLETED:
+            st.begin_time = now_iso()
+            st._t0 = time.monotonic()
+        st.state = state
+        st.end_time = now_iso()
+        elapsed = max(time.monotonic() - st._t0, 1e-6)
+        if state == COMPLETED:
+            st.data_speed = int(st.data / elapsed)
+            st.network_speed = int(st.network / elapsed)
+        self.save(force=True)
+
+    def running_stage(self) -> str | None:
+        for st in self.progress:
+            if st.state == IN_PROGRESS:
+                return st.stage
+        return None
+
+    def fail(self, err: CloneError) -> None:
+        running = self.running_stage()
+        if running is not None:
+            self.end_stage(running, FAILED)
+        self.status.state = FAILED
+        self.status.end_time = now_iso()
+        self.status.error_no = err.errno
+        self.status.error_message = err.message
+        self.save(force=True)
+
+    def complete(self) -> None:
+        self.status.state = COMPLETED
+        self.status.end_time = now_iso()
+        self.status.error_no = 0
+        self.status.error_message = ""
+        self.save(force=True)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "clone_status": asdict(self.status),
+            "clone_progress": [st.public() for st in self.progress],
+        }
+
+    # -- persistence --------------------------------------------------------------------
+    def attach(self, destination_dir: str) -> None:
+        """Start persisting under ``destination_dir/#clone/`` (created here)."""
+        self.dir = os.path.join(destination_dir, STATUS_DIR)
+        os.makedirs(self.dir, mode=0o750, exist_ok=True)
+        self.save(force=True)
+
+    def detach(self) -> None:
+        """Stop writing under the destination (it is about to be removed)."""
+        self.dir = None
+
+    def save(self, force: bool = False) -> None:
+        t = time.monotonic()
+        if not force and t - self._last_save < 1.0:
+            return
+        self._last_save = t
+        data = self.as_dict()
+        if self.dir is not None and os.path.isdir(self.dir):
+            write_durable(os.path.join(self.dir, STATUS_FILE),
+                          orjson.dumps(data["clone_status"], option=orjson.OPT_INDENT_2))
+            write_durable(os.path.join(self.dir, PROGRESS_FILE),
+                          orjson.dumps(data["clone_progress"], option=orjson.OPT_INDENT_2))
+        if self.state_dir is not None and (force or self.dir is None):
+            os.makedirs(self.state_dir, exist_ok=True)
+            write_durable(_record_path(self.state_dir, self.status.destination),
+                          orjson.dumps(data))
+
+
+def read_status(destination: str, state_dir: str | None) -> dict[str, Any]:
+    """What ``status DIR`` shows: ``DIR/#clone/`` first, else the recipient's record."""
+    base = os.path.join(os.path.abspath(destination), STATUS_DIR)
+    try:
+        with open(os.path.join(base, STATUS_FILE), "rb") as fh:
+            status = orjson.loads(fh.read())
+        with open(os.path.join(base, PROGRESS_FILE), "rb") as fh:
+            progress = orjson.loads(fh.read())
+        return {"clone_status": status, "clone_progress": progress}
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    if state_dir is not None:
+        try:
+            with open(_record_path(state_dir, destination), "rb") as fh:
+                data: dict[str, Any] = orjson.loads(fh.read())
+                return data
+        except FileNotFoundError:
+            pass
+    raise NoStatus(destination)

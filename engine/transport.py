@@ -1,0 +1,111 @@
+"""ZeroMQ sockets and their options; third-party errors are translated here, at the edge.
+
+The donor binds one ROUTER socket; each recipient stream is a DEALER that connects to
+it (one TCP connection per stream, as MySQL opens one connection per clone task).
+High-water marks are small and explicit: flow control is by credit (the recipient
+grants a bounded number of blocks in flight per stream), and the HWM only has to be
+larger than the credit, never ZeroMQ's default of 1000 one-MiB messages.
+
+ZeroMQ never fails a connect by itself, so :func:`probe` makes a plain TCP connection
+first with a deadline, and the handshake has its own deadline on top.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import socket
+from contextlib import contextmanager
+from collections.abc import Iterator
+from typing import Any
+
+import zmq
+
+from engine.errors import DonorError, NetworkError, UsageError
+
+SOCKET_HWM = 1100  #: above protocol.MAX_CREDIT, so a credited send never meets the HWM
+SOCKET_BUFFER = 4 << 20
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(f"'{text}' is not HOST:PORT", hint="for example 127.0.0.1:3310")
+    return host, int(port)
+
+
+def tcp_url(host: str, port: int) -> str:
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def _tune(sock: zmq.Socket[Any]) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
+    sock.setsockopt(zmq.RCVHWM, SOCKET_HWM)
+    sock.setsockopt(zmq.SNDBUF, SOCKET_BUFFER)
+    sock.setsockopt(zmq.RCVBUF, SOCKET_BUFFER)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+    sock.setsockopt(zmq.IPV6, 1)
+
+
+def router(ctx: zmq.Context[Any], host: str, port: int,
+           url: str | None = None) -> tuple[zmq.Socket[Any], int]:
+    """The donor's listening socket; returns it and the port it got (``port`` 0: any).
+
+    ``url`` (an ``ipc://`` endpoint) replaces host and port for a local clone.
+    """
+    sock = ctx.socket(zmq.ROUTER)
+    _tune(sock)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    try:
+        if url is not None:
+            sock.bind(url)
+        elif port == 0:
+            port = sock.bind_to_random_port(tcp_url(host, 0).rsplit(":", 1)[0])
+        else:
+            sock.bind(tcp_url(host, port))
+    except zmq.ZMQError as exc:
+        sock.close(0)
+        raise UsageError(
+            f"cannot listen on {host}:{port}: {exc.strerror}",
+            hint="choose a free port and an address of this host",
+        ) from exc
+    return sock, port
+
+
+def dealer(ctx: zmq.Context[Any], url: str) -> zmq.Socket[Any]:
+    sock = ctx.socket(zmq.DEALER)
+    _tune(sock)
+    sock.setsockopt(zmq.RECONNECT_IVL, 200)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+    sock.connect(url)
+    return sock
+
+
+def probe(host: str, port: int, timeout: float) -> None:
+    """Fail fast, in MySQL's words, when nothing listens at the donor's address."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except TimeoutError:
+        raise DonorError(
+            f"Connect failed: 2003 : Can't connect to donor on '{host}:{port}' (timed out "
+            f"after {timeout:g} s)",
+            hint="check that `clone-agent serve` runs there and the network lets you in",
+        ) from None
+    except OSError as exc:
+        code = exc.errno or errno_mod.ECONNREFUSED
+        raise DonorError(
+            f"Connect failed: 2003 : Can't connect to donor on '{host}:{port}' ({code})",
+            hint="check that `clone-agent serve` runs there and the network lets you in",
+        ) from None
+
+
+@contextmanager
+def mapped_errors(what: str) -> Iterator[None]:
+    """Translate ZeroMQ errors met while talking to a peer into NetworkError."""
+    try:
+        yield
+    except zmq.ZMQError as exc:
+        raise NetworkError(f"{what}: {exc.strerror}") from exc

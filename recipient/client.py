@@ -1,0 +1,419 @@
+"""The recipient: ``pull`` and ``clone-local``'s coordinator.
+
+Runs in the command-line process. It owns the ZeroMQ streams (DEALER sockets, one
+TCP connection each), the shared-memory ring and the writer pool, the status book
+under ``DIR/#clone/``, and the destination directory, which it removes whole if the
+clone fails (MySQL's rule for DATA DIRECTORY: nothing of a failed clone stays).
+
+Flow: check the donor list and the destination (before anything is created) ->
+create DIR -> DROP DATA (connect, INIT, CONFIG) -> FILE COPY (manifest pages, then
+data blocks over every stream, each block copied once from the ZeroMQ frame into a
+ring slot and written by a writer process after its checksum is verified) -> FILE
+SYNC (sizes, links, modes, times, syncfs) -> EXIT.
+
+Flow control is by credit: each stream is granted a share of the ring's slots; a
+block's credit comes back in an ACK once the block is on disk. ``should_stop`` is
+polled between messages; every wait is bounded (``connect_timeout`` for the
+handshake, ``idle_timeout`` for a donor that falls silent).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from engine import protocol as P
+from engine.codec import BLOCK_SIZE, MAX_SEGMENTS
+from engine.config import CloneConfig, check_valid_donor
+from engine.errors import (
+    CloneError, CloneInProgress, DatabaseExists, TooManyClones, DonorError, LocalIOError, NetworkError, ProtocolError,
+    QueryInterrupted, UsageError, by_number, from_oserror,
+)
+from engine.fsutil import remove_tree
+from engine.ring import Ring, sweep_stale
+from engine.stage import Pipeline
+from engine.status import COMPLETED, StatusBook
+from engine.transport import dealer, mapped_errors, probe, tcp_url
+from recipient.manifest import Manifest
+
+log = logging.getLogger("clone_agent.recipient")
+
+EventSink = Callable[[dict[str, Any]], None]
+PROTOCOL_VERSION = P.PROTOCOL_VERSION
+
+
+@dataclass
+class PullOptions:
+    user: str
+    host: str
+    port: int
+    destination: str
+    config: CloneConfig
+    password: str | None = None
+    state_dir: str | None = None
+    connect_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    writers: int = 2
+    url: str | None = None  #: an ipc:// endpoint for clone-local; None: tcp to host:port
+    should_stop: Callable[[], bool] = field(default=lambda: False)
+    emit: EventSink = field(default=lambda event: None)
+
+
+def check_destination(path: str) -> str:
+    """MySQL's DATA DIRECTORY rules: absolute, not existing, parent existing."""
+    if not os.path.isabs(path):
+        raise UsageError(f"Incorrect DATA DIRECTORY value: '{path}'",
+                         hint="give an absolute path, e.g. /var/lib/clone/new")
+    path = os.path.normpath(path)
+    if len(os.fsencode(path)) > 4000:
+        raise UsageError(f"Incorrect DATA DIRECTORY value: '{path[:60]}...' (too long)")
+    if os.path.lexists(path):
+        raise DatabaseExists(path)
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise LocalIOError(f"the parent directory '{parent}' of the DATA DIRECTORY does not exist",
+                           hint="create the parent first; the clone creates only the last part")
+    return path
+
+
+def concurrency_plan(config: CloneConfig) -> tuple[int, int]:
+    """(streams, ring slots) from clone_max_concurrency and clone_buffer_size."""
+    slots = max(8, min(256, 4 * config.buffer_size // BLOCK_SIZE))
+    streams = max(1, min(config.max_concurrency, slots, P.MAX_STREAMS))
+    return streams, slots
+
+
+class Pull:
+    """One clone into a new directory. Use :func:`pull`."""
+
+    def __init__(self, opts: PullOptions) -> None:
+        self.o = opts
+        self.ctx: zmq.Context[Any] | None = None
+        self.streams: list[zmq.Socket[Any]] = []
+        self.book = StatusBook(f"{opts.host}:{opts.port}", opts.destination, opts.state_dir)
+        self.manifest: Manifest | None = None
+        self.clone_id = 0
+        self.data_bytes = 0
+        self.net_bytes = 0
+        self.blocks_done = 0
+        self.seen: set[int] = set()
+        self.url = ""
+
+    # -- wire helpers -----------------------------------------------------------------
+    def _send(self, i: int, kind: int, body: dict[str, Any]) -> None:
+        with mapped_errors("sending to the donor"):
+            self.streams[i].send_multipart(P.command(kind, body), zmq.NOBLOCK)
+
+    def _recv(self, sock: zmq.Socket[Any]) -> P.Message:
+        with mapped_errors("receiving from the donor"):
+            frames = sock.recv_multipart(copy=False)
+        self.net_bytes += sum(len(f.buffer) for f in frames)
+        msg = P.decode(frames, P.RESP)
+        if msg.kind == P.ERROR:
+            errno = P.want(msg.body, "error_no", int)
+            text = str(msg.body.get("error_message", ""))
+            if errno in (DonorError.errno, TooManyClones.errno, CloneInProgress.errno):
+                raise by_number(errno, text)
+            raise DonorError(f"{errno} : {text.rstrip('.')}")
+        return msg
+
+    def _wait(self, i: int, timeout: float, what: str) -> P.Message:
+        """The next response on stream ``i`` other than KEEPALIVE, within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        sock = self.streams[i]
+        while True:
+            if self.o.should_stop():
+                raise QueryInterrupted()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NetworkError(f"no answer from the donor to {what} within {timeout:g} s",
+                                   hint="the donor or the network stopped; try again")
+            if sock.poll(int(min(left, 0.2) * 1000)):
+                msg = self._recv(sock)
+                if msg.kind != P.KEEPALIVE:
+                    return msg
+
+    # -- the clone ----------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        o = self.o
+        if o.url is None:
+            check_valid_donor(o.config, o.host, o.port)
+        dest = check_destination(o.destination)
+        self.o.destination = dest
+        self.book.status.destination = dest
+        sweep_stale()
+        try:
+            os.mkdir(dest, 0o750)
+        except FileExistsError:
+            raise DatabaseExists(dest) from None
+        except OSError as exc:
+            raise from_oserror(exc, f"creating {dest}") from None
+        try:
+            self.book.attach(dest)
+            self.book.begin()
+            self._emit_status()
+            result = self._clone(dest)
+        except BaseException as exc:
+            err = exc if isinstance(exc, CloneError) else (
+                QueryInterrupted() if isinstance(exc, KeyboardInterrupt) else
+                from_oserror(exc, "writing the clone") if isinstance(exc, OSError) else None)
+            if err is None:
+                err = CloneError(f"{type(exc).__name__}: {exc}")
+            self._abort(err)
+            self.book.fail(err)
+            self.book.detach()
+            try:
+                remove_tree(dest)
+            except OSError as rm_exc:
+                log.error("could not remove %s: %s", dest, rm_exc)
+            self.book.save(force=True)
+            if err is exc:
+                raise
+            raise err from exc
+        finally:
+            self._close()
+        return result
+
+    def _clone(self, dest: str) -> dict[str, Any]:
+        o = self.o
+        n_streams, slots = concurrency_plan(o.config)
+        self.ctx = zmq.Context(io_threads=2)
+        # DROP DATA: nothing to drop in a new directory; this is where we reach the donor.
+        self.book.begin_stage("DROP DATA")
+        url = o.url
+        if url is None:
+            probe(o.host, o.port, o.connect_timeout)
+            url = tcp_url(o.host, o.port)
+        self.url = url
+        with Ring(slots, BLOCK_SIZE) as ring, Pipeline(
+            "writer", "recipient.writer:Writer", o.writers,
+            {"ring": ring.name, "capacity": ring.capacity, "slot_size": ring.slot_size,
+             "root": dest},
+            self.ctx,
+        ) as writers:
+            self.streams.append(dealer(self.ctx, url))
+            self._send(0, P.INIT, {"version": PROTOCOL_VERSION, "user": o.user,
+                                   "password": o.password or "", "agent": "clone-agent",
+                                   "os": platform.system(), "machine": platform.machine(),
+                                   "streams": n_streams})
+            try:
+                cfg = self._wait(0, o.connect_timeout, "INIT")
+            except NetworkError as exc:
+                raise DonorError(
+                    f"Connect failed: 2003 : no clone-agent answered at '{o.host}:{o.port}' "
+                    f"within {o.connect_timeout:g} s",
+                    hint="is that `clone-agent serve`? check the port") from exc
+            if cfg.kind != P.CONFIG:
+                raise ProtocolError(f"{cfg.name} instead of CONFIG")
+            self.clone_id = P.want(cfg.body, "clone_id", int, 0)
+            total_files = P.want(cfg.body, "files", int, 0, P.MAX_FILES)
+            total_blocks = P.want(cfg.body, "blocks", int, 0, 1 << 40)
+            self.book.end_stage("DROP DATA")
+            self._emit_stage("DROP DATA")
+
+            st = self.book.begin_stage("FILE COPY", estimate=P.want(cfg.body, "bytes", int, 0),
+                                       threads=n_streams)
+            self._emit_stage("FILE COPY")
+            self.manifest = Manifest(dest, total_files)
+            page = 0
+            while True:
+                self._send(0, P.EXECUTE, {"clone_id": self.clone_id, "what": "files",
+                                          "page": page})
+                msg = self._wait(0, o.idle_timeout, "EXECUTE files")
+                if msg.kind != P.FILES or msg.body.get("page") != page:
+                    raise ProtocolError(f"{msg.name} instead of FILES page {page}")
+                if self.manifest.add_page(msg.body):
+                    break
+                page += 1
+            if len(self.manifest.items) != total_files:
+                raise ProtocolError("manifest shorter than announced")
+            st.estimate = self.manifest.total_bytes
+            writers.wait_ready(60)
+            self._attach_streams(n_streams)
+            credits = self._grant_credit(slots)
+            self._transfer(ring, writers, total_blocks, credits)
+            self.book.update("FILE COPY", self.data_bytes, self.net_bytes)
+            self.book.end_stage("FILE COPY")
+            self._emit_stage("FILE COPY")
+            writers.close()
+
+        self.book.begin_stage("FILE SYNC", estimate=self.manifest.total_bytes, threads=1)
+        self._emit_stage("FILE SYNC")
+        try:
+            self.manifest.finalize()
+        except OSError as exc:
+            raise from_oserror(exc, "FILE SYNC") from None
+        self.book.update("FILE SYNC", self.manifest.total_bytes, 0)
+        self.book.end_stage("FILE SYNC")
+        self._emit_stage("FILE SYNC")
+        self._send(0, P.EXIT, {"clone_id": self.clone_id, "ok": True})
+        self.book.complete()
+        summary = self.book.as_dict()
+        self._emit_status()
+        return summary
+
+    def _attach_streams(self, n: int) -> None:
+        assert self.ctx is not None
+        for i in range(1, n):
+            self.streams.append(dealer(self.ctx, self.url))
+            self._send(i, P.ATTACH, {"clone_id": self.clone_id, "stream": i})
+        for i in range(1, n):
+            msg = self._wait(i, self.o.connect_timeout, "ATTACH")
+            if msg.kind != P.LOCS:
+                raise ProtocolError(f"{msg.name} instead of LOCS")
+
+    def _grant_credit(self, slots: int) -> list[int]:
+        n = len(self.streams)
+        credits = [slots // n + (1 if i < slots % n else 0) for i in range(n)]
+        for i, c in enumerate(credits):
+            self._send(i, P.EXECUTE, {"clone_id": self.clone_id, "what": "data", "credit": c})
+        return credits
+
+    def _transfer(self, ring: Ring, writers: Pipeline, total_blocks: int,
+                  credits: list[int]) -> None:
+        """Receive every block, hand it to a writer, acknowledge it once it is written."""
+        assert self.manifest is not None
+        poller = zmq.Poller()
+        for sock in self.streams:
+            poller.register(sock, zmq.POLLIN)
+        assert writers.outbox is not None
+        poller.register(writers.outbox, zmq.POLLIN)
+        for fd in writers.sentinels():
+            poller.register(fd, zmq.POLLIN)
+        origin: dict[int, int] = {}  # block seq -> stream index
+        acks: dict[int, list[int]] = {}
+        complete = False
+        last_heard = time.monotonic()
+        last_ping = time.monotonic()
+        while not (complete and self.blocks_done == total_blocks):
+            if self.o.should_stop():
+                raise QueryInterrupted()
+            events = dict(poller.poll(200))
+            now = time.monotonic()
+            for i, sock in enumerate(self.streams):
+                if sock not in events:
+                    continue
+                for _ in range(64):
+                    if not sock.poll(0):
+                        break
+                    msg = self._recv(sock)
+                    last_heard = now
+                    if msg.kind == P.DATA_DESC:
+                        self._on_block(i, msg, ring, writers, origin, total_blocks)
+                    elif msg.kind == P.COMPLETE:
+                        complete = True
+                    elif msg.kind != P.KEEPALIVE:
+                        raise ProtocolError(f"unexpected {msg.name} during FILE COPY")
+            for _, _, (seq, slot) in writers.events():
+                ring.release(slot)
+                self.blocks_done += 1
+                acks.setdefault(origin.pop(seq), []).append(seq)
+            for i, seqs in acks.items():
+                self._send(i, P.ACK, {"clone_id": self.clone_id, "blocks": seqs,
+                                      "credit": len(seqs)})
+                last_ping = now
+            acks.clear()
+            if now - last_ping > 2.0:
+                self._send(0, P.ACK, {"clone_id": self.clone_id, "blocks": [], "credit": 0})
+                last_ping = now
+            if now - last_heard > self.o.idle_timeout:
+                raise NetworkError(f"the donor has been silent for {self.o.idle_timeout:g} s")
+            self.book.update("FILE COPY", self.data_bytes, self.net_bytes,
+                             threads=len(self.streams))
+            self._emit_progress("FILE COPY")
+        if len(self.seen) != total_blocks:
+            raise ProtocolError(f"COMPLETE after {len(self.seen)} of {total_blocks} blocks")
+
+    def _on_block(self, stream: int, msg: P.Message, ring: Ring, writers: Pipeline,
+                  origin: dict[int, int], total_blocks: int) -> None:
+        assert self.manifest is not None
+        body = msg.body
+        seq = P.want(body, "seq", int, 0, total_blocks - 1)
+        if seq in self.seen:
+            raise ProtocolError(f"block {seq} sent twice")
+        length = P.want(body, "len", int, 0, P.MAX_PAYLOAD)
+        raw = P.want(body, "raw", int, 0, BLOCK_SIZE)
+        comp = P.want(body, "comp", int, 0, 2)
+        xxh = P.want(body, "xxh", int, 0, (1 << 64) - 1)
+        span = P.want(body, "span", int, raw, BLOCK_SIZE)
+        segs = P.want(body, "segs", list)
+        if len(segs) > MAX_SEGMENTS or length != len(msg.payload) or (
+                comp == 0 and length != raw):
+            raise ProtocolError(f"block {seq} is malformed")
+        out = []
+        total = 0
+        for seg in segs:
+            if not (isinstance(seg, list) and len(seg) == 3
+                    and all(type(v) is int for v in seg)):
+                raise ProtocolError(f"block {seq} has a malformed segment")
+            fid, off, size = seg
+            item = self.manifest.file(fid)
+            if off < 0 or size <= 0 or off + size > item.size:
+                raise ProtocolError(f"block {seq} writes outside {item.rel!r}")
+            out.append([item.rel, off, size])
+            total += size
+        if total != raw:
+            raise ProtocolError(f"block {seq}: segments do not add up to its length")
+        slot = ring.acquire()
+        if slot is None:
+            raise ProtocolError("the donor sent more blocks than its credit")
+        ring.slot(slot, length)[:] = msg.payload
+        self.seen.add(seq)
+        origin[seq] = stream
+        writers.submit(writers.least_loaded(), ["write", seq, slot, length, xxh, comp, raw, out])
+        self.data_bytes += span
+
+    # -- ending -------------------------------------------------------------------------
+    def _abort(self, err: CloneError) -> None:
+        if self.streams and self.clone_id:
+            try:
+                self.streams[0].send_multipart(
+                    P.command(P.EXIT, {"clone_id": self.clone_id, "ok": False,
+                                       "error_no": err.errno,
+                                       "error_message": err.message}), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def _close(self) -> None:
+        if self.manifest is not None:
+            self.manifest.close()
+        for sock in self.streams:
+            sock.close(linger=200)
+        self.streams = []
+        if self.ctx is not None:
+            self.ctx.term()
+            self.ctx = None
+
+    # -- events ---------------------------------------------------------------------------
+    _last_progress = 0.0
+
+    def _emit_progress(self, stage: str) -> None:
+        now = time.monotonic()
+        if now - self._last_progress < 0.5:
+            return
+        self._last_progress = now
+        st = self.book.stage(stage)
+        self.o.emit({"event": "progress", "stage": stage, "estimate": st.estimate,
+                     "data": st.data, "network": st.network, "data_speed": st.data_speed,
+                     "network_speed": st.network_speed, "threads": st.threads})
+
+    def _emit_stage(self, stage: str) -> None:
+        st = self.book.stage(stage)
+        self.o.emit({"event": "stage", **st.public()})
+
+    def _emit_status(self) -> None:
+        self.o.emit({"event": "status", **self.book.as_dict()["clone_status"]})
+
+
+def pull(opts: PullOptions) -> dict[str, Any]:
+    """Clone the donor into ``opts.destination``; returns clone_status and clone_progress."""
+    summary = Pull(opts).run()
+    assert summary["clone_status"]["state"] == COMPLETED
+    return summary

@@ -1,0 +1,83 @@
+import pytest
+
+from engine.config import (
+    MiB, VARIABLES, CloneConfig, check_valid_donor, load_config, parse_donor_list, parse_size,
+)
+from engine.errors import SysConfig, WrongValueForVar
+
+
+def test_defaults_are_mysqls() -> None:
+    c = CloneConfig()
+    assert c.max_concurrency == 16 and c.autotune_concurrency
+    assert c.buffer_size == 4 * MiB and c.ddl_timeout == 300
+    assert c.donor_timeout_after_network_failure == 5
+    assert c.max_data_bandwidth == 0 and c.max_network_bandwidth == 0
+    assert not c.enable_compression and c.valid_donor_list == ""
+    assert load_config() == c
+    assert set(VARIABLES) == set(CloneConfig.__dataclass_fields__)
+
+
+def test_sizes() -> None:
+    assert parse_size("64MiB") == 64 * MiB
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_size("512KiB") == 512 << 10
+    assert parse_size("4096") == 4096
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_precedence_flag_env_file_default(tmp_path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text("[clone]\nmax_concurrency = 3\nclone_ddl_timeout = 7\nbuffer_size = '8MiB'\n")
+    env = {"CLONE_AGENT_MAX_CONCURRENCY": "5", "CLONE_AGENT_ENABLE_COMPRESSION": "ON"}
+    c = load_config({}, {}, toml)
+    assert (c.max_concurrency, c.ddl_timeout, c.buffer_size) == (3, 7, 8 * MiB)
+    c = load_config({}, env, toml)
+    assert c.max_concurrency == 5 and c.enable_compression and c.ddl_timeout == 7
+    c = load_config({"max_concurrency": 9, "ddl_timeout": None}, env, toml)
+    assert c.max_concurrency == 9 and c.ddl_timeout == 7
+
+
+@pytest.mark.parametrize("name,value", [
+    ("max_concurrency", 0), ("max_concurrency", 129), ("buffer_size", "512KiB"),
+    ("ddl_timeout", -1), ("donor_timeout_after_network_failure", 31),
+    ("max_data_bandwidth", 1048577), ("enable_compression", "maybe"),
+    ("max_concurrency", "many"),
+])
+def test_wrong_values_name_the_variable_and_range(name: str, value: object) -> None:
+    with pytest.raises(WrongValueForVar) as info:
+        load_config({name: value})
+    err = info.value
+    assert err.errno == 1231 and f"clone_{name}" in err.message
+    assert err.hint and f"clone_{name} takes" in err.hint
+
+
+def test_env_value_checked_too() -> None:
+    with pytest.raises(WrongValueForVar):
+        load_config({}, {"CLONE_AGENT_MAX_CONCURRENCY": "500"})
+
+
+def test_unknown_toml_key(tmp_path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text("max_concurency = 3\n")
+    with pytest.raises(SysConfig):
+        load_config({}, {}, toml)
+
+
+def test_donor_list_format() -> None:
+    assert parse_donor_list("127.0.0.1:3310,Host.Example:1") == [
+        ("127.0.0.1", 3310), ("host.example", 1)]
+    for bad in ("127.0.0.1", "h:p", "a:1, b:2", "a:1,,b:2", ":3306", "a:99999"):
+        with pytest.raises(SysConfig) as info:
+            parse_donor_list(bad)
+        assert "Invalid Format" in info.value.message
+
+
+def test_donor_must_be_listed() -> None:
+    c = CloneConfig(valid_donor_list="127.0.0.1:3310")
+    check_valid_donor(c, "127.0.0.1", 3310)
+    with pytest.raises(SysConfig) as info:
+        check_valid_donor(c, "10.0.0.5", 3310)
+    assert info.value.line() == ("ERROR 3869 (HY000): Clone system configuration: 10.0.0.5:3310 "
+                                 "is not found in clone_valid_donor_list: 127.0.0.1:3310")
+    check_valid_donor(CloneConfig(valid_donor_list="LOCALHOST:1"), "localhost", 1)

@@ -1,0 +1,47 @@
+"""Worker handlers used by the stage and ring tests (imported in spawned processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from engine.errors import ChecksumMismatch
+from engine.ring import RingView
+
+
+class Echo:
+    def __init__(self, index: int, args: dict[str, Any]) -> None:
+        self.index = index
+        self.count = 0
+
+    def handle(self, msg: list[Any]) -> Any:
+        kind = msg[0]
+        self.count += 1
+        if kind == "boom":
+            raise ValueError("boom")
+        if kind == "clone-error":
+            raise ChecksumMismatch("block 7 failed its xxh3 checksum")
+        if kind == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return [self.index, msg[1]]
+
+    def close(self) -> Any:
+        return {"count": self.count}
+
+
+class Filler:
+    """Writes a byte pattern into a ring slot: shows bytes cross processes by shm."""
+
+    def __init__(self, index: int, args: dict[str, Any]) -> None:
+        self.ring = RingView(args["ring"], args["capacity"], args["slot_size"])
+
+    def handle(self, msg: list[Any]) -> Any:
+        _, slot, value = msg
+        view = self.ring.slot(slot)
+        view[:] = bytes([value]) * len(view)
+        return [slot]
+
+    def close(self) -> Any:
+        self.ring.close()
+        return None
