@@ -224,7 +224,8 @@ def pull(
         password = _password(password_stdin)
         assert data_dir is not None
 
-    from recipient.client import PullOptions, pull as do_pull
+    from recipient.client import PullOptions
+    from recipient.client import pull as do_pull
 
     def make(reporter: Any, stop: Callable[[], bool]) -> Any:
         return do_pull(PullOptions(user=user, host=host, port=port, destination=data_dir,
@@ -245,7 +246,8 @@ def clone_local(
     """CLONE LOCAL DATA DIRECTORY: the same snapshot, without a network."""
     _logging(verbose)
     from donor.local import LocalDonor
-    from recipient.client import PullOptions, check_destination, pull as do_pull
+    from recipient.client import PullOptions, check_destination
+    from recipient.client import pull as do_pull
 
     with _errors(json_mode):
         if not datadir.is_dir():
@@ -319,6 +321,7 @@ def demo(
 ) -> None:
     """Make a sample tree, serve it, pull it over loopback, verify it, clean up."""
     from bench.demo import run_demo
+
     from engine.config import parse_size
 
     with _errors():

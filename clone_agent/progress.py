@@ -56,7 +56,11 @@ class Reporter:
 
     def _rich(self, kind: Any, event: dict[str, Any]) -> None:
         from rich.progress import (
-            BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn,
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TransferSpeedColumn,
         )
 
         if self._progress is None:

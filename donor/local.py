@@ -42,7 +42,7 @@ class LocalDonor:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         self._proc = ctx.Process(target=_child, args=(datadir, self.url, child_conn),
-                                 name="clone-agent-local-donor", daemon=True)
+                                 name="clone-agent-local-donor")
         self._child_conn = child_conn
 
     def __enter__(self) -> LocalDonor:

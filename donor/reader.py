@@ -6,7 +6,8 @@ each segment with SEEK_DATA/SEEK_HOLE (holes are not sent, so sparse files stay
 sparse), reads it with ``preadv`` into the shared-memory slot, checksums it (xxh3) and
 answers ``[seq, slot, length, checksum, data_segments, span]`` where each data
 segment is ``[file_id, offset, length]`` and span is the file range the block covers
-(holes included: what clone_progress counts as data). A file removed or shrunk since the scan sends what is
+(holes included: what clone_progress counts as data). A file removed or shrunk
+since the scan sends what is
 there (a live directory); the recipient sizes every file from the manifest.
 """
 

@@ -29,7 +29,11 @@ from donor.plan import Entry, plan, scan
 from engine import protocol as P
 from engine.codec import BLOCK_SIZE
 from engine.errors import (
-    CloneError, ProtocolError, QueryInterrupted, TooManyClones, UsageError,
+    CloneError,
+    ProtocolError,
+    QueryInterrupted,
+    TooManyClones,
+    UsageError,
 )
 from engine.ring import Ring, sweep_stale
 from engine.stage import Pipeline

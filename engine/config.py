@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import SysConfig, WrongValueForVar
+from engine.errors import InvalidDonorList, SysConfig, WrongValueForVar
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -205,7 +205,7 @@ def parse_donor_list(text: str) -> list[tuple[str, int]]:
             or not _HOST_RE.match(host)
             or not 0 < int(port) < 65536
         ):
-            raise SysConfig(
+            raise InvalidDonorList(
                 "Invalid Format",
                 hint=f"clone_valid_donor_list entry {item!r}: use HOST:PORT[,HOST:PORT...], "
                 "no spaces",

@@ -146,6 +146,12 @@ class SysConfig(CloneError):
     template = "Clone system configuration: %s"
 
 
+class InvalidDonorList(SysConfig):
+    """A malformed clone_valid_donor_list: a usage error (exit 2), MySQL's "Invalid Format"."""
+
+    exit_status = EXIT_USAGE
+
+
 class DiskSpace(CloneError):
     errno = 3873
     template = "Clone estimated database size is %s. Available space %s is not enough."
@@ -190,7 +196,9 @@ class ChecksumMismatch(ProtocolError):
 class UnsafeName(ProtocolError):
     """The donor named a file outside the destination or in a form we refuse."""
 
-    default_hint = "the donor is misbehaving or hostile; nothing was written outside the destination"
+    default_hint = (
+        "the donor is misbehaving or hostile; nothing was written outside the destination"
+    )
 
 
 class NotADataDirectory(CloneError):
@@ -222,7 +230,8 @@ EXIT_STATUS_TABLE: dict[type[CloneError], int] = {
         CloneError, DatabaseExists, FileExists, LockWaitTimeout, WrongValueForVar,
         QueryInterrupted, PathInDatadir, DdlInProgress, TooManyClones, DonorError,
         NetworkError, ProtocolError, DonorVersion, DonorOS, DonorPlatform, ConfigMismatch,
-        SysConfig, DiskSpace, CloneInProgress, UsageError, LocalIOError, StageCrashed,
+        SysConfig, InvalidDonorList, DiskSpace, CloneInProgress, UsageError, LocalIOError,
+        StageCrashed,
         ChecksumMismatch, UnsafeName, NotADataDirectory, DataDirectoryLocked, VerifyFailed,
         NoStatus,
     )

@@ -144,12 +144,13 @@ def negotiate(recipient_version: int) -> int:
 def want(body: dict[str, Any], key: str, kind: type | tuple[type, ...], low: int | None = None,
          high: int | None = None) -> Any:
     """A field of a peer's body, type- and range-checked."""
-    value = body.get(key)
+    value: Any = body.get(key)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
         raise ProtocolError(f"field '{key}' missing or of the wrong type")
-    if low is not None and value < low or high is not None and value > high:
-        raise ProtocolError(f"field '{key}' = {value} out of range")
-    return value
+    number: Any = body[key]  # the same value, not narrowed to `object` by isinstance
+    if low is not None and number < low or high is not None and number > high:
+        raise ProtocolError(f"field '{key}' = {number} out of range")
+    return number
 
 
 @dataclass

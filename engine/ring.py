@@ -156,7 +156,7 @@ class Ring(RingView):
 
 def sweep_stale() -> list[str]:
     """Unlink ring files whose owner process is gone (left by a kill -9)."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:

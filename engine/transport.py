@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import errno as errno_mod
 import socket
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import zmq

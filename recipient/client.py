@@ -33,8 +33,18 @@ from engine import protocol as P
 from engine.codec import BLOCK_SIZE, MAX_SEGMENTS
 from engine.config import CloneConfig, check_valid_donor
 from engine.errors import (
-    CloneError, CloneInProgress, DatabaseExists, TooManyClones, DonorError, LocalIOError, NetworkError, ProtocolError,
-    QueryInterrupted, UsageError, by_number, from_oserror,
+    CloneError,
+    CloneInProgress,
+    DatabaseExists,
+    DonorError,
+    LocalIOError,
+    NetworkError,
+    ProtocolError,
+    QueryInterrupted,
+    TooManyClones,
+    UsageError,
+    by_number,
+    from_oserror,
 )
 from engine.fsutil import remove_tree
 from engine.ring import Ring, sweep_stale

@@ -63,6 +63,7 @@ class Manifest:
         kind = raw.get("t")
         if kind not in ("d", "f", "l"):
             raise ProtocolError(f"manifest entry of unknown type {kind!r}")
+        rel: object
         if "pb" in raw:
             try:
                 rel = os.fsdecode(base64.b64decode(P.want(raw, "pb", str), validate=True))

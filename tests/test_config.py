@@ -1,7 +1,13 @@
 import pytest
 
 from engine.config import (
-    MiB, VARIABLES, CloneConfig, check_valid_donor, load_config, parse_donor_list, parse_size,
+    VARIABLES,
+    CloneConfig,
+    MiB,
+    check_valid_donor,
+    load_config,
+    parse_donor_list,
+    parse_size,
 )
 from engine.errors import SysConfig, WrongValueForVar
 

@@ -4,7 +4,8 @@ from engine import errors as E
 def test_numbers_and_messages_follow_mysql() -> None:
     assert E.DatabaseExists("/x").line() == (
         "ERROR 1007 (HY000): Can't create database '/x'; database exists")
-    assert E.TooManyClones(1).message == "Too many concurrent clone operations. Maximum allowed - 1."
+    assert E.TooManyClones(1).message == (
+        "Too many concurrent clone operations. Maximum allowed - 1.")
     assert E.DonorError("boom").line() == "ERROR 3862 (HY000): Clone Donor Error: boom."
     assert E.SysConfig("a:1 is not found in clone_valid_donor_list: b:2").line() == (
         "ERROR 3869 (HY000): Clone system configuration: a:1 is not found in "

@@ -1,0 +1,129 @@
+"""A hostile donor: the real `pull` must refuse each trick, write nothing outside the
+destination, remove what it created, and say what went wrong (never a traceback)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from engine import protocol as P
+from engine.codec import checksum
+from tests.helpers import free_port, run_cli
+
+
+def _file(fid: int, path: str, size: int, kind: str = "f", **extra: Any) -> dict[str, Any]:
+    return {"id": fid, "t": kind, "p": path, "s": size, "m": 0o644, "mt": 0, **extra}
+
+
+class FakeDonor(threading.Thread):
+    """Speaks just enough of the protocol to deliver ``entries`` and ``blocks``."""
+
+    def __init__(self, entries: list[dict[str, Any]], blocks: list[tuple[dict[str, Any], bytes]],
+                 announce_files: int | None = None, extra_blocks: int = 0) -> None:
+        super().__init__(daemon=True)
+        self.port = free_port()
+        self.entries = entries
+        self.blocks = blocks
+        self.announce_files = len(entries) if announce_files is None else announce_files
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.extra_blocks = extra_blocks
+
+    def run(self) -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(f"tcp://127.0.0.1:{self.port}")
+        self.ready.set()
+        sent = False
+        try:
+            while not self.stop.is_set():
+                if not sock.poll(100):
+                    continue
+                ident, *frames = sock.recv_multipart()
+                msg = P.decode(frames, P.CMD)
+                if msg.kind == P.INIT:
+                    body = {"version": 1, "clone_id": 1, "files": self.announce_files,
+                            "blocks": len(self.blocks), "bytes": 0}
+                    sock.send_multipart([ident, *P.response(P.CONFIG, body)])
+                elif msg.kind == P.EXECUTE and msg.body["what"] == "files":
+                    body = {"page": msg.body["page"], "entries": self.entries, "last": True}
+                    sock.send_multipart([ident, *P.response(P.FILES, body)])
+                elif msg.kind == P.ATTACH:
+                    sock.send_multipart([ident, *P.response(P.LOCS, {"clone_id": 1})])
+                elif msg.kind == P.EXECUTE and msg.body["what"] == "data" and not sent:
+                    sent = True
+                    extra = [self.blocks[-1]] * self.extra_blocks if self.extra_blocks else []
+                    for desc, data in self.blocks + extra:
+                        sock.send_multipart([ident, *P.response(P.DATA_DESC, desc, data)])
+        finally:
+            sock.close()
+            ctx.term()
+
+
+def _block(seq: int, segs: list[list[int]], data: bytes, **override: Any) -> tuple[dict, bytes]:
+    desc = {"seq": seq, "len": len(data), "raw": len(data), "span": len(data), "comp": 0,
+            "xxh": checksum(data), "segs": segs, **override}
+    return desc, data
+
+
+GOOD = [_file(0, "ok", 4)]
+CASES = {
+    "absolute path": ([_file(0, "/tmp/evil-abs", 4)], []),
+    "dot-dot": ([_file(0, "../evil-dotdot", 4)], []),
+    "nested dot-dot": ([_file(0, "d", 0, "d"), _file(1, "d/../../evil", 4)], []),
+    "NUL in name": ([_file(0, "a\x00b", 4)], []),
+    "reserved #clone": ([_file(0, "#clone/#view_status", 4)], []),
+    "parent not listed": ([_file(0, "nodir/x", 4)], []),
+    "file under a link": ([_file(0, "l", 0, "l", lt=base64.b64encode(b"..").decode()),
+                           _file(1, "l/evil-through-link", 4)], []),
+    "duplicate name": ([_file(0, "ok", 4), _file(1, "ok", 4)], []),
+    "unknown entry type": ([_file(0, "dev", 0, "c")], []),
+    "too many files": (GOOD, [], {"announce_files": P.MAX_FILES + 1}),
+    "more entries than announced": ([_file(0, "a", 1), _file(1, "b", 1)], [],
+                                    {"announce_files": 1}),
+    "write past the end": (GOOD, [_block(0, [[0, 2, 4]], b"abcd")]),
+    "write to a directory": ([_file(0, "d", 0, "d")], [_block(0, [[0, 0, 4]], b"abcd")]),
+    "write to an unknown file": (GOOD, [_block(0, [[7, 0, 4]], b"abcd")]),
+    "bad checksum": (GOOD, [_block(0, [[0, 0, 4]], b"abcd", xxh=12345)]),
+    "segments do not add up": (GOOD, [_block(0, [[0, 0, 2]], b"abcd")]),
+    "negative offset": (GOOD, [_block(0, [[0, -4, 4]], b"abcd")]),
+    "block number out of range": (GOOD, [_block(5, [[0, 0, 4]], b"abcd")]),
+    "block sent twice": ([_file(0, "ok", 8)],
+                         [_block(0, [[0, 0, 4]], b"abcd"), _block(0, [[0, 4, 4]], b"efgh")]),
+    "more blocks than credit": ([_file(0, "ok", 4)], [_block(0, [[0, 0, 4]], b"abcd")],
+                                {"extra_blocks": 40}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hostile_donor(case: str, tmp_path: Path) -> None:
+    entries, blocks, *kw = CASES[case]
+    donor = FakeDonor(entries, blocks, **(kw[0] if kw else {}))
+    donor.start()
+    assert donor.ready.wait(10)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    before = set(os.listdir(tmp_path))
+    dest = workdir / "dest"
+    try:
+        res = run_cli("pull", f"evil@127.0.0.1:{donor.port}", "--data-dir", str(dest),
+                      "--max-concurrency", "1", "--buffer-size", "1MiB",
+                      "--connect-timeout", "5", timeout=60)
+    finally:
+        donor.stop.set()
+        donor.join(10)
+    assert res.returncode == 1, res.stderr
+    assert "ERROR 3863 (HY000): Clone received unexpected response from Donor" in res.stderr, \
+        res.stderr
+    assert "Traceback" not in res.stderr
+    assert not dest.exists(), "the failed clone's directory must be removed"
+    assert os.listdir(workdir) == []
+    assert set(os.listdir(tmp_path)) - {"state"} == before - {"state"}
+    assert not Path("/tmp/evil-abs").exists()

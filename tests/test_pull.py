@@ -1,0 +1,191 @@
+"""serve and pull as real processes over loopback, on a tree with every case."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import CLI, ROOT, Donor, allocated, describe, free_port, make_tree, run_cli
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("donor") / "data"
+    make_tree(root)
+    return root
+
+
+def test_pull_copies_everything_faithfully(tree: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "clone"
+    with Donor(tree) as donor:
+        res = run_cli("pull", f"root@{donor.address}", "--data-dir", str(dest),
+                      "--max-concurrency", "4")
+        assert res.returncode == 0, res.stderr
+    assert describe(dest) == describe(tree)
+    # holes are not written: the sparse files stay sparse
+    assert allocated(dest / "sparse") <= allocated(tree / "sparse") + 8192
+    assert allocated(dest / "sparse_tail") <= allocated(tree / "sparse_tail") + 8192
+    assert "warning" in donor.stderr.lower() or "any user" in donor.stderr
+    st = json.loads(run_cli("status", str(dest), "--json").stdout)
+    assert st["clone_status"]["state"] == "Completed"
+    assert st["clone_status"]["source"] == donor.address
+    assert st["clone_status"]["destination"] == str(dest)
+    assert st["clone_status"]["error_no"] == 0
+    rows = {r["stage"]: r for r in st["clone_progress"]}
+    assert [r["stage"] for r in st["clone_progress"]] == [
+        "DROP DATA", "FILE COPY", "PAGE COPY", "REDO COPY", "FILE SYNC", "RESTART", "RECOVERY"]
+    for name in ("DROP DATA", "FILE COPY", "FILE SYNC"):
+        assert rows[name]["state"] == "Completed" and rows[name]["end_time"]
+    for name in ("PAGE COPY", "REDO COPY", "RESTART", "RECOVERY"):
+        assert rows[name]["state"] == "Not Started"
+    assert rows["FILE COPY"]["data"] == rows["FILE COPY"]["estimate"] > 20 << 20
+    assert 0 < rows["FILE COPY"]["network"] < rows["FILE COPY"]["data"]  # holes not sent
+    assert rows["FILE COPY"]["threads"] == 4
+
+
+def test_json_events_end_with_a_summary(tree: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "clone"
+    with Donor(tree) as donor:
+        res = run_cli("pull", f"u@{donor.address}", "--data-dir", str(dest), "--json",
+                      "--max-concurrency", "1")
+    assert res.returncode == 0, res.stderr
+    events = [json.loads(line) for line in res.stdout.splitlines()]
+    assert events[-1]["event"] == "summary"
+    assert events[-1]["clone_status"]["state"] == "Completed"
+    assert any(e["event"] == "stage" and e["stage"] == "FILE COPY" for e in events)
+
+
+def test_two_clones_in_a_row_and_many_streams(tree: Path, tmp_path: Path) -> None:
+    with Donor(tree) as donor:
+        for i, streams in enumerate(("16", "2")):
+            dest = tmp_path / f"clone{i}"
+            res = run_cli("pull", f"u@{donor.address}", "--data-dir", str(dest),
+                          "--max-concurrency", streams)
+            assert res.returncode == 0, res.stderr
+            assert describe(dest) == describe(tree)
+
+
+def test_clone_local(tree: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "local"
+    res = run_cli("clone-local", str(tree), "--data-dir", str(dest))
+    assert res.returncode == 0, res.stderr
+    assert describe(dest) == describe(tree)
+    res = run_cli("clone-local", str(tree), "--data-dir", str(tree / "inside"))
+    assert res.returncode == 1 and "ERROR 3632" in res.stderr
+
+
+def test_destination_rules(tree: Path, tmp_path: Path) -> None:
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    res = run_cli("pull", "u@127.0.0.1:1", "--data-dir", str(existing))
+    assert res.returncode == 1
+    assert f"ERROR 1007 (HY000): Can't create database '{existing}'; database exists" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = run_cli("pull", "u@127.0.0.1:1", "--data-dir", "relative/path")
+    assert res.returncode == 2 and "Incorrect DATA DIRECTORY value" in res.stderr
+    res = run_cli("pull", "u@127.0.0.1:1", "--data-dir", str(tmp_path / "no" / "parent"))
+    assert res.returncode == 1 and "parent" in res.stderr
+    assert not (tmp_path / "no").exists()
+
+
+def test_valid_donor_list_is_checked_before_anything_is_created(tmp_path: Path) -> None:
+    dest = tmp_path / "c"
+    res = run_cli("pull", "u@127.0.0.1:3310", "--data-dir", str(dest),
+                  "--valid-donor-list", "10.0.0.5:3310")
+    assert res.returncode == 1
+    assert ("ERROR 3869 (HY000): Clone system configuration: 127.0.0.1:3310 is not found in "
+            "clone_valid_donor_list: 10.0.0.5:3310") in res.stderr
+    assert "hint:" in res.stderr
+    assert not dest.exists()
+    res = run_cli("pull", "u@127.0.0.1:3310", "--data-dir", str(dest),
+                  "--valid-donor-list", "10.0.0.5")
+    assert res.returncode == 2 and "ERROR 3869" in res.stderr and "Invalid Format" in res.stderr
+    res = run_cli("pull", "u@127.0.0.1:3310", "--data-dir", str(dest),
+                  env={"CLONE_AGENT_MAX_CONCURRENCY": "0"})
+    assert res.returncode == 2 and "ERROR 1231" in res.stderr
+    assert "clone_max_concurrency" in res.stderr
+    assert not dest.exists()
+
+
+def test_unreachable_donor_fails_fast_and_leaves_nothing(tmp_path: Path) -> None:
+    dest = tmp_path / "c"
+    port = free_port()
+    started = time.monotonic()
+    res = run_cli("pull", f"u@127.0.0.1:{port}", "--data-dir", str(dest), "--json")
+    assert time.monotonic() - started < 30
+    assert res.returncode == 1
+    assert "ERROR 3862 (HY000): Clone Donor Error: Connect failed: 2003" in res.stderr
+    assert json.loads(res.stdout.splitlines()[-1])["error_no"] == 3862
+    assert not dest.exists()
+    st = json.loads(run_cli("status", str(dest), "--json").stdout)
+    assert st["clone_status"]["state"] == "Failed" and st["clone_status"]["error_no"] == 3862
+    assert [r["state"] for r in st["clone_progress"]] == ["Failed"] + ["Not Started"] * 6
+
+
+def test_a_silent_listener_fails_within_the_handshake_deadline(tmp_path: Path) -> None:
+    import socket
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(8)
+        port = srv.getsockname()[1]
+        res = run_cli("pull", f"u@127.0.0.1:{port}", "--data-dir", str(tmp_path / "c"),
+                      "--connect-timeout", "2")
+    assert res.returncode == 1 and "ERROR 3862" in res.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_second_concurrent_clone_gets_3634(tree: Path, tmp_path: Path) -> None:
+    import zmq
+
+    from engine import protocol as P
+    with Donor(tree) as donor:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://{donor.address}")
+        sock.send_multipart(P.command(P.INIT, {"version": 1, "user": "first"}))
+        assert sock.poll(10000)
+        assert P.decode(sock.recv_multipart(), P.RESP).kind == P.CONFIG
+        res = run_cli("pull", f"u@{donor.address}", "--data-dir", str(tmp_path / "c"))
+        sock.close()
+        ctx.term()
+    assert res.returncode == 1
+    assert "ERROR 3634 (HY000): Too many concurrent clone operations. Maximum allowed - 1." \
+        in res.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_sigterm_stops_the_donor_cleanly(tree: Path) -> None:
+    donor = Donor(tree)
+    with donor:
+        pass
+    assert donor.proc is not None and donor.proc.returncode == 0
+    assert "Traceback" not in donor.stderr
+
+
+def test_ctrl_c_of_a_pull_removes_the_partial_clone(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"f{i}").write_bytes(os.urandom(8 << 20))
+    dest = tmp_path / "c"
+    with Donor(src) as donor:
+        proc = subprocess.Popen([*CLI, "pull", f"u@{donor.address}", "--data-dir", str(dest),
+                                 "--max-concurrency", "1", "--buffer-size", "1MiB"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=ROOT)
+        deadline = time.monotonic() + 30
+        while not (dest / "#clone").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)  # waiting for the clone to start, bounded
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the clone finished before the signal landed")
+    assert proc.returncode == 1 and "ERROR 1317" in err and "Traceback" not in err
+    assert not dest.exists()
