@@ -70,12 +70,16 @@ class Decompressor:
             self._lz4 = lz4.block
 
     def decompress(self, data: Any, raw_length: int) -> bytes:
-        if self.codec == COMP_LZ4:
-            out: bytes = self._lz4.decompress(data, uncompressed_size=raw_length)
-        elif self.codec == COMP_ZSTD:
-            out = self._zd.decompress(data, max_output_size=raw_length)
-        else:
-            return bytes(data)
+        """The block's original bytes; ValueError for anything that is not exactly that."""
+        try:
+            if self.codec == COMP_LZ4:
+                out: bytes = self._lz4.decompress(data, uncompressed_size=raw_length)
+            elif self.codec == COMP_ZSTD:
+                out = self._zd.decompress(data, max_output_size=raw_length)
+            else:
+                return bytes(data)
+        except Exception as exc:  # the libraries' own error types, translated at this edge
+            raise ValueError(f"block does not decompress: {exc}") from exc
         if len(out) != raw_length:
             raise ValueError(f"decompressed {len(out)} bytes, expected {raw_length}")
         return out

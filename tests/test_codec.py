@@ -28,7 +28,7 @@ def test_compression_round_trip_and_incompressible_passthrough(codec: int) -> No
     assert comp is not None and len(comp) < len(text)
     assert Decompressor(codec).decompress(comp, len(text)) == text
     assert Compressor(codec).compress(os.urandom(1 << 16)) is None
-    with pytest.raises((ValueError, RuntimeError)):
+    with pytest.raises(ValueError):
         Decompressor(codec).decompress(comp, len(text) - 1)
 
 
