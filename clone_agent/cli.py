@@ -321,7 +321,6 @@ def demo(
 ) -> None:
     """Make a sample tree, serve it, pull it over loopback, verify it, clean up."""
     from bench.demo import run_demo
-
     from engine.config import parse_size
 
     with _errors():
@@ -344,11 +343,15 @@ def bench(
 
 
 def main() -> None:
+    from engine.stage import end_resource_tracker
+
     try:
         app()
     except KeyboardInterrupt:
         sys.stderr.write("ERROR 1317 (70100): Query execution was interrupted\n")
         sys.exit(1)
+    finally:
+        end_resource_tracker()
 
 
 if __name__ == "__main__":

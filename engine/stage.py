@@ -294,3 +294,18 @@ class Pipeline:
 
     def sentinels(self) -> list[int]:
         return [p.sentinel for p in self.procs]
+
+
+def end_resource_tracker() -> None:
+    """Stop and reap multiprocessing's resource-tracker helper, which the spawn start
+    method starts on first use and which would otherwise outlive us for a moment as an
+    orphan. Called once, by the command line, after every pool has been joined."""
+    from multiprocessing import resource_tracker
+
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    stop = getattr(tracker, "_stop", None)
+    if stop is not None:
+        try:
+            stop()
+        except (OSError, ChildProcessError):
+            pass

@@ -1,0 +1,269 @@
+"""``clone-agent bench``: clone-agent beside plain-tool baselines, in one run, interleaved.
+
+For each data shape, every tool copies the same source tree into a fresh destination,
+round after round, in turn (A B C A B C ...), so that drift of this noisy machine hits
+all tools alike; the medians and the per-round ratios are reported. Every tool ends
+with its data durable (clone-agent syncs the file system at FILE SYNC, so each
+baseline is followed by ``sync -f`` on the destination), and destinations are removed
+outside the timed part.
+
+Measured per run: wall seconds, CPU seconds of the donor side and the recipient side
+(from the kernel's accounting of each process tree), and peak PSS of both sides
+together (sampled every 20 ms).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+
+from bench import datasets
+from bench.demo import ServeProcess, free_port
+from engine.fsutil import syncfs
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass
+class Run:
+    wall: float
+    cpu_donor: float
+    cpu_recipient: float
+    peak_pss: int
+
+
+@dataclass
+class Result:
+    shape: str
+    tool: str
+    bytes: int
+    runs: list[Run] = field(default_factory=list)
+
+    def median(self, key: str) -> float:
+        return statistics.median(getattr(r, key) for r in self.runs)
+
+
+def _tree_cpu(proc: psutil.Process) -> float:
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _tree_pss(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    total += p.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class PssSampler(threading.Thread):
+    def __init__(self, pids: Callable[[], list[int]]) -> None:
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.peak = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(0.02):
+            self.peak = max(self.peak, _tree_pss(self.pids()))
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _timed_shell(cmd: list[str] | str, dest: Path, shell: bool = False) -> Run:
+    cpu0 = _children_cpu()
+    started = time.monotonic()
+    procs: list[int] = []
+    sampler = PssSampler(lambda: procs)
+    p = subprocess.Popen(cmd, shell=shell, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    procs.append(p.pid)
+    sampler.start()
+    p.wait()
+    syncfs(str(dest))
+    wall = time.monotonic() - started
+    sampler.halt.set()
+    sampler.join()
+    if p.returncode != 0:
+        raise RuntimeError(f"baseline failed: {cmd}")
+    return Run(wall, 0.0, _children_cpu() - cpu0, sampler.peak)
+
+
+def baselines(src: Path) -> dict[str, Callable[[Path], Run]]:
+    tools: dict[str, Callable[[Path], Run]] = {}
+
+    def cp_a(dest: Path) -> Run:
+        return _timed_shell(["cp", "-a", str(src), str(dest)], dest.parent)
+
+    tools["cp -a"] = cp_a
+    if shutil.which("socat"):
+        def tar_socat(dest: Path) -> Run:
+            dest.mkdir()
+            port = free_port()
+            cmd = (f"(socat -u TCP-LISTEN:{port},reuseaddr,bind=127.0.0.1 - | "
+                   f"tar -xf - -C {dest}) & pid=$!; "
+                   f"until ss -ltn | grep -q ':{port} '; do sleep 0.01; done; "
+                   f"tar -cf - -C {src} . | socat -u - TCP:127.0.0.1:{port}; wait $pid")
+            return _timed_shell(cmd, dest, shell=True)
+
+        tools["tar|socat|tar"] = tar_socat
+        if shutil.which("zstd"):
+            def tar_zstd(dest: Path) -> Run:
+                dest.mkdir()
+                port = free_port()
+                cmd = (f"(socat -u TCP-LISTEN:{port},reuseaddr,bind=127.0.0.1 - | zstd -dq | "
+                       f"tar -xf - -C {dest}) & pid=$!; "
+                       f"until ss -ltn | grep -q ':{port} '; do sleep 0.01; done; "
+                       f"tar -cf - -C {src} . | zstd -1 -q | socat -u - TCP:127.0.0.1:{port}; "
+                       f"wait $pid")
+                return _timed_shell(cmd, dest, shell=True)
+
+            tools["tar|zstd|socat"] = tar_zstd
+    if shutil.which("rsync"):
+        def rsync(dest: Path) -> Run:
+            return _timed_shell(["rsync", "-aW", f"{src}/", str(dest)], dest.parent)
+
+        tools["rsync -aW"] = rsync
+    return tools
+
+
+def clone_agent_tool(src: Path, extra: list[str]) -> tuple[ServeProcess, Callable[[Path], Run]]:
+    donor = ServeProcess(src)
+
+    def run(dest: Path) -> Run:
+        assert donor.proc is not None
+        dproc = psutil.Process(donor.proc.pid)
+        d0 = _tree_cpu(dproc)
+        cpu0 = _children_cpu()
+        pids: list[int] = [donor.proc.pid]
+        sampler = PssSampler(lambda: pids)
+        started = time.monotonic()
+        p = subprocess.Popen([sys.executable, "-m", "clone_agent.cli", "pull",
+                              f"bench@127.0.0.1:{donor.port}", "--data-dir", str(dest), *extra],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        pids.append(p.pid)
+        sampler.start()
+        _, err = p.communicate()
+        wall = time.monotonic() - started
+        sampler.halt.set()
+        sampler.join()
+        if p.returncode != 0:
+            raise RuntimeError(f"clone-agent pull failed: {err.decode()[-400:]}")
+        return Run(wall, _tree_cpu(dproc) - d0, _children_cpu() - cpu0, sampler.peak)
+
+    return donor, run
+
+
+SHAPES_FULL = {
+    "big random": lambda root: datasets.big_random(root, 1 * GiB),
+    "big compressible": lambda root: datasets.big_compressible(root, 1 * GiB),
+    "mixed 1 GiB": lambda root: datasets.mixed(root, 1 * GiB),
+    "20k small files": lambda root: datasets.small_files(root, 20000),
+}
+SHAPES_QUICK = {
+    "mixed 256 MiB": lambda root: datasets.mixed(root, 256 * MiB),
+    "5k small files": lambda root: datasets.small_files(root, 5000),
+}
+
+
+def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None) -> None:
+    shapes = SHAPES_QUICK if quick else SHAPES_FULL
+    rounds = rounds or (3 if quick else 5)
+    results: list[Result] = []
+    base = Path(os.environ.get("CLONE_AGENT_BENCH_DIR") or tempfile.gettempdir())
+    with tempfile.TemporaryDirectory(prefix="clone-agent-bench-", dir=base) as tmp:
+        for shape, make in shapes.items():
+            src = Path(tmp) / "src"
+            make(src)
+            size = datasets.tree_bytes(src)
+            donor, agent = clone_agent_tool(src, ["--max-concurrency", "4"])
+            with donor:
+                tools = {"clone-agent": agent, **baselines(src)}
+                shape_results = {name: Result(shape, name, size) for name in tools}
+                for r in range(rounds):
+                    for name, tool in tools.items():
+                        dest = Path(tmp) / "dest"
+                        run = tool(dest)
+                        shape_results[name].runs.append(run)
+                        shutil.rmtree(dest)
+                        _say(json_mode, f"{shape:>18} round {r + 1}/{rounds} {name:<16} "
+                                        f"{run.wall:6.2f} s")
+            results.extend(shape_results.values())
+            shutil.rmtree(src)
+    report = _report(results)
+    _print_table(report, json_mode)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "bench.json"), "wb") as f:
+            f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    if json_mode:
+        sys.stdout.write(orjson.dumps(report).decode() + "\n")
+
+
+def _say(json_mode: bool, text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _report(results: list[Result]) -> dict[str, Any]:
+    rows = []
+    by_shape: dict[str, dict[str, Result]] = {}
+    for res in results:
+        by_shape.setdefault(res.shape, {})[res.tool] = res
+    for shape, tools in by_shape.items():
+        agent = tools["clone-agent"]
+        for name, res in tools.items():
+            gib = res.bytes / GiB
+            ratios = [a.wall / b.wall for a, b in zip(agent.runs, res.runs, strict=True)]
+            rows.append({
+                "shape": shape, "tool": name, "bytes": res.bytes,
+                "wall_s": res.median("wall"),
+                "gb_s": res.bytes / 1e9 / res.median("wall"),
+                "agent_time_ratio": statistics.median(ratios),
+                "cpu_s_per_gib_donor": res.median("cpu_donor") / gib,
+                "cpu_s_per_gib_recipient": res.median("cpu_recipient") / gib,
+                "peak_pss_mib": res.median("peak_pss") / MiB,
+                "runs": [r.__dict__ for r in res.runs],
+            })
+    return {"rows": rows}
+
+
+def _print_table(report: dict[str, Any], json_mode: bool) -> None:
+    stream = sys.stderr if json_mode else sys.stdout
+    print(f"\n{'shape':<18} {'tool':<16} {'GB/s':>6} {'median s':>9} {'agent/tool':>10} "
+          f"{'cpu s/GiB d+r':>14} {'peak PSS MiB':>12}", file=stream)
+    for row in report["rows"]:
+        cpu = row["cpu_s_per_gib_donor"] + row["cpu_s_per_gib_recipient"]
+        ratio = "" if row["tool"] == "clone-agent" else f"{row['agent_time_ratio']:.2f}"
+        print(f"{row['shape']:<18} {row['tool']:<16} {row['gb_s']:6.2f} {row['wall_s']:9.2f} "
+              f"{ratio:>10} {cpu:14.2f} {row['peak_pss_mib']:12.1f}", file=stream)
