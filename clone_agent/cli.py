@@ -169,6 +169,14 @@ def serve(
     metrics_addr: Optional[str] = typer.Option(None, "--metrics-addr", help="HOST:PORT"),
     readers: int = typer.Option(2, "--readers", min=1, max=64,
                                 help="reader processes (ours, not MySQL's)"),
+    ddl_every: float = typer.Option(3.0, "--ddl-every", help="seconds between the workload's "
+                                    "DDL (0: none)"),
+    debug_sync: Optional[str] = typer.Option(
+        None, "--debug-sync", hidden=True,
+        help="POINT=N,...: pause at clone_file_copy / clone_page_copy / clone_redo_copy "
+             "until the workload commits N more transactions (tests)"),
+    fault: Optional[str] = typer.Option(None, "--fault", hidden=True,
+                                        help="tear_pages_of=REL (tests: torn page reads)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """The donor agent: serve DATADIR until SIGINT/SIGTERM."""
@@ -178,11 +186,12 @@ def serve(
 
     with _errors():
         host, port = parse_hostport(bind)
-        if workload is not None:
-            raise UsageError("--workload needs the page store, which this build lacks",
-                             hint="serve without --workload")
+        if workload is not None and workload < 0:
+            raise UsageError("--workload takes transactions per second, 0 for full speed")
         log.warning("authentication is not implemented yet: any user name is accepted")
-        server = DonorServer(str(datadir), host, port, readers=readers)
+        server = DonorServer(str(datadir), host, port, readers=readers, workload=workload,
+                             debug_sync=_pairs(debug_sync, int), ddl_every=ddl_every,
+                             faults=_pairs(fault, str))
 
         def ready(h: str, p: int) -> None:
             sys.stdout.write(f"ready {h}:{p}\n")
@@ -191,6 +200,17 @@ def serve(
         with StopFlag("the donor") as stop:
             server.serve(should_stop=stop, on_ready=ready)
         log.info("donor stopped")
+
+
+def _pairs(text: str | None, kind: Callable[[str], Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in (text or "").split(","):
+        if item:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise UsageError(f"'{item}' is not NAME=VALUE")
+            out[key.strip()] = kind(value.strip())
+    return out
 
 
 # -- pull -------------------------------------------------------------------------------

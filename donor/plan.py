@@ -22,6 +22,9 @@ log = logging.getLogger("clone_agent.donor")
 
 #: Top-level folders that belong to a clone or a running server, never cloned.
 SKIP_TOP = {"#clone", "#ib_archive"}
+#: Also not copied from a page store: the redo log travels as REDO COPY's archive, and
+#: the recipient makes its own log at RECOVERY.
+SKIP_PAGED = ("#ib_redo",)
 
 
 @dataclass
@@ -48,8 +51,9 @@ class Entry:
         return out
 
 
-def scan(root: str) -> list[Entry]:
+def scan(root: str, skip: tuple[str, ...] = ()) -> list[Entry]:
     """Walk ``root`` (not following links): directories first, then their contents."""
+    skip_top = SKIP_TOP | set(skip)
     entries: list[Entry] = []
 
     def walk(abs_dir: str, rel_dir: str) -> None:
@@ -60,7 +64,7 @@ def scan(root: str) -> list[Entry]:
             return
         subdirs = []
         for child in children:
-            if not rel_dir and child.name in SKIP_TOP:
+            if not rel_dir and child.name in skip_top:
                 continue
             rel = f"{rel_dir}/{child.name}" if rel_dir else child.name
             try:

@@ -49,6 +49,10 @@ class Reader:
     def __init__(self, index: int, args: dict[str, Any]) -> None:
         self.ring = RingView(args["ring"], args["capacity"], args["slot_size"])
         self.fds: OrderedDict[str, int] = OrderedDict()
+        # Fault point (tests): tear the pages of this file as a read racing a page
+        # write would, keeping the first half of each page and zeroing the rest.
+        self.tear = (args.get("faults") or {}).get("tear_pages_of")
+        self.page_size = int((args.get("faults") or {}).get("page_size", 16384))
 
     def _open(self, path: str) -> int:
         fd = self.fds.get(path)
@@ -89,10 +93,17 @@ class Reader:
                         break
                     got += n
                 if got:
+                    if self.tear and path.endswith("/" + self.tear):
+                        self._tear(view[cursor : cursor + got])
                     out.append([file_id, start, got])
                     cursor += got
         span = sum(seg[3] for seg in segments)
         return [seq, slot, cursor, checksum(view[:cursor]), out, span]
+
+    def _tear(self, data: memoryview) -> None:
+        half = self.page_size // 2
+        for off in range(self.page_size, len(data) - self.page_size + 1, self.page_size):
+            data[off + half : off + self.page_size] = bytes(half)  # page 0 stays whole
 
     def close(self) -> dict[str, Any]:
         self._drop_fds()

@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import secrets
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,16 +26,19 @@ from typing import Any
 
 import zmq
 
-from donor.plan import Entry, plan, scan
+from donor.plan import SKIP_PAGED, Entry, plan, scan
+from donor.snapshot import Snapshot
 from engine import protocol as P
 from engine.codec import BLOCK_SIZE
 from engine.errors import (
     CloneError,
+    NotADataDirectory,
     ProtocolError,
     QueryInterrupted,
     TooManyClones,
     UsageError,
 )
+from engine.pagestore import PageStore, Workload, is_paged
 from engine.ring import Ring, sweep_stale
 from engine.stage import Pipeline
 from engine.transport import router
@@ -65,20 +69,39 @@ class Session:
         self.user = str(body.get("user", ""))
         self.streams: dict[bytes, Stream] = {master: Stream(master, 0)}
         self.master = master
-        self.entries: list[Entry] = scan(server.datadir)
-        self.blocks = plan(self.entries)
+        self.snapshot: Snapshot | None = None
+        self.ddl_timeout = P.want(body, "ddl_timeout", int, 0, 2592000) \
+            if "ddl_timeout" in body else 300
+        if server.store is not None:
+            self.snapshot = Snapshot(server.store, self.ddl_timeout, server.debug_sync,
+                                     server.workload_alive)
+        try:
+            self.entries: list[Entry] = scan(
+                server.datadir, skip=SKIP_PAGED if self.snapshot else ())
+        except BaseException:
+            if self.snapshot is not None:
+                self.snapshot.end()
+            raise
         self.total_bytes = sum(e.size for e in self.entries if e.kind == "f")
-        self.next_block = 0
         self.ready: deque[list[Any]] = deque()
         self.inflight: dict[int, tuple[int, Any]] = {}
-        self.acked = 0
-        self.complete_sent = False
+        self.start_state("FILE COPY", plan(self.entries), "read")
         self.last_heard = time.monotonic()
         self.last_sent = time.monotonic()
         self._rr = 0
         log.info("clone %d: %d files, %d bytes, %d blocks, for user %r", clone_id,
                  sum(1 for e in self.entries if e.kind == "f"), self.total_bytes,
                  len(self.blocks), self.user)
+
+    def start_state(self, name: str, blocks: list[Any], kind: str) -> None:
+        """Begin a snapshot state: ``kind`` "read" (reader processes) or "pages"
+        (tracked pages read fresh by the coordinator)."""
+        self.state = name
+        self.blocks = blocks
+        self.kind = kind
+        self.next_block = 0
+        self.acked = 0
+        self.complete_sent = False
 
     def config_body(self) -> dict[str, Any]:
         return {
@@ -94,6 +117,8 @@ class Session:
             "blocks": len(self.blocks),
             "block_size": BLOCK_SIZE,
             "files_page": P.MAX_FILES_PAGE,
+            "paged": self.snapshot is not None,
+            "page_size": self.snapshot.page_size if self.snapshot else 0,
         }
 
     def files_page(self, page: int) -> dict[str, Any]:
@@ -107,7 +132,9 @@ class DonorServer:
     """Serves ``datadir`` on ``host:port`` until ``should_stop()`` says so."""
 
     def __init__(self, datadir: str, host: str, port: int, readers: int = 2,
-                 slots: int = 32, idle_timeout: float = 60.0, url: str | None = None) -> None:
+                 slots: int = 32, idle_timeout: float = 60.0, url: str | None = None,
+                 workload: int | None = None, debug_sync: dict[str, int] | None = None,
+                 ddl_every: float = 3.0, faults: dict[str, Any] | None = None) -> None:
         if not os.path.isdir(datadir):
             raise UsageError(f"'{datadir}' is not a directory", hint="serve a data directory")
         self.datadir = os.path.abspath(datadir)
@@ -117,6 +144,15 @@ class DonorServer:
         self.slots = slots
         self.idle_timeout = idle_timeout
         self.url = url
+        self.workload_rate = workload
+        self.debug_sync = debug_sync or {}
+        self.ddl_every = ddl_every
+        self.faults = faults or {}
+        self.store: PageStore | None = None
+        self.workload: Workload | None = None
+        self._workload_thread: threading.Thread | None = None
+        self._workload_stop = threading.Event()
+        self._workload_error: BaseException | None = None
         self.session: Session | None = None
         self._next_clone_id = 1
         self.ctx: zmq.Context[Any] | None = None
@@ -131,6 +167,12 @@ class DonorServer:
         sweep_stale()
         self.ctx = zmq.Context(io_threads=2)
         try:
+            if is_paged(self.datadir):
+                self.store = PageStore(self.datadir)
+                self._start_workload()
+            elif self.workload_rate is not None:
+                raise NotADataDirectory(self.datadir, hint="--workload needs a data directory "
+                                        "made by `clone-agent init`")
             self.sock, self.port = router(self.ctx, self.host, self.port, self.url)
             self.ring = Ring(self.slots, BLOCK_SIZE)
             self._start_readers()
@@ -139,12 +181,48 @@ class DonorServer:
         finally:
             self._shutdown()
 
+    def _start_workload(self) -> None:
+        if self.workload_rate is None or self.store is None:
+            return
+        self.workload = Workload(self.store, rate=self.workload_rate,
+                                 ddl_timeout=self._ddl_timeout, ddl_every=self.ddl_every)
+
+        def run() -> None:
+            assert self.workload is not None
+            try:
+                self.workload.run(self._workload_stop.is_set)
+            except BaseException as exc:  # noqa: BLE001 - reported by the coordinator
+                self._workload_error = exc
+                log.error("workload stopped: %s: %s", type(exc).__name__, exc)
+
+        self._workload_thread = threading.Thread(target=run, name="workload", daemon=True)
+        self._workload_thread.start()
+        log.info("live workload running at %s", f"{self.workload_rate} TPS"
+                 if self.workload_rate else "full speed")
+
+    def _ddl_timeout(self) -> float:
+        """DDL waits on the backup lock at most the running clone's clone_ddl_timeout."""
+        s = self.session
+        return float(s.ddl_timeout) if s is not None else 300.0
+
+    def workload_alive(self) -> bool:
+        return self._workload_thread is not None and self._workload_thread.is_alive()
+
+    def _stop_workload(self) -> None:
+        if self._workload_thread is not None:
+            self._workload_stop.set()
+            self._workload_thread.join(30)
+            if self.workload is not None:
+                log.info("workload: %d transactions at %.0f/s", self.workload.stats.txns,
+                         self.workload.stats.tps())
+            self._workload_thread = None
+
     def _start_readers(self) -> None:
         assert self.ring is not None and self.ctx is not None
         self.readers = Pipeline(
             "reader", "donor.reader:Reader", self.n_readers,
             {"ring": self.ring.name, "capacity": self.ring.capacity,
-             "slot_size": self.ring.slot_size},
+             "slot_size": self.ring.slot_size, "faults": self.faults},
             self.ctx,
         )
         try:
@@ -157,6 +235,12 @@ class DonorServer:
     def _shutdown(self) -> None:
         if self.session is not None:
             self._end_session(QueryInterrupted(), send_error=True)
+        self._stop_workload()
+        if self.store is not None:
+            try:
+                self.store.close()
+            finally:
+                self.store = None
         if self.readers is not None:
             try:
                 self.readers.close()
@@ -265,6 +349,8 @@ class DonorServer:
                 self._reply(ident, P.response(P.FILES, s.files_page(page)))
             elif what == "data":
                 stream.credit = P.want(msg.body, "credit", int, 0, P.MAX_CREDIT)
+            elif what == "state":
+                self._next_state(ident, s, msg.body.get("state"))
             else:
                 raise ProtocolError(f"EXECUTE of unknown work {what!r}")
         elif msg.kind == P.ACK:
@@ -286,6 +372,26 @@ class DonorServer:
             self._end_session(None, send_error=False)
         else:
             raise ProtocolError(f"unexpected command {msg.name}")
+
+    def _next_state(self, ident: bytes, s: Session, name: Any) -> None:
+        if not s.complete_sent or s.inflight or s.ready or s.snapshot is None:
+            raise ProtocolError(f"{name!r} asked before {s.state} completed")
+        if name == "PAGE COPY" and s.state == "FILE COPY":
+            blocks, grown = s.snapshot.page_copy(s.entries)
+            s.start_state("PAGE COPY", blocks, "pages")
+            body = {"clone_id": s.clone_id, "state": name, "blocks": len(blocks),
+                    "bytes": sum(len(b) for b in blocks) * s.snapshot.page_size,
+                    "sizes": {str(k): v for k, v in grown.items()}}
+        elif name == "REDO COPY" and s.state == "PAGE COPY":
+            entry, point = s.snapshot.redo_copy(len(s.entries), s.entries)
+            blocks = plan([entry])
+            s.start_state("REDO COPY", blocks, "read")
+            body = {"clone_id": s.clone_id, "state": name, "blocks": len(blocks),
+                    "bytes": entry.size, "redo": {"id": entry.id, "bytes": entry.size},
+                    **point}
+        else:
+            raise ProtocolError(f"no state {name!r} after {s.state}")
+        self._reply(ident, P.response(P.STATE, body))
 
     def _on_read(self, reply: list[Any]) -> None:
         (clone_id, seq), slot, length, xxh, segs, span = reply
@@ -319,13 +425,21 @@ class DonorServer:
                         s.clone_id, now - s.last_heard)
             self._end_session(None, send_error=False)
             return
-        while s.next_block < len(s.blocks):
+        filled = 0
+        while s.next_block < len(s.blocks) and filled < 8:
             slot = self.ring.acquire()
             if slot is None:
                 break
-            w = self.readers.least_loaded()
-            self.readers.submit(w, ["read", [s.clone_id, s.next_block], slot,
-                                    s.blocks[s.next_block]])
+            if s.kind == "pages":
+                assert s.snapshot is not None
+                length, xxh, segs = s.snapshot.fill_pages(s.blocks[s.next_block],
+                                                           self.ring.slot(slot))
+                s.ready.append([s.next_block, slot, length, xxh, segs, length])
+                filled += 1
+            else:
+                w = self.readers.least_loaded()
+                self.readers.submit(w, ["read", [s.clone_id, s.next_block], slot,
+                                        s.blocks[s.next_block]])
             s.next_block += 1
         streams = list(s.streams.values())
         while s.ready:
@@ -355,7 +469,7 @@ class DonorServer:
         if s.acked == len(s.blocks) and not s.complete_sent:
             s.complete_sent = True
             self._reply(s.master, P.response(P.COMPLETE, {"clone_id": s.clone_id,
-                                                          "state": "FILE COPY",
+                                                          "state": s.state,
                                                           "blocks": s.acked}))
             s.last_sent = now
         if now - s.last_sent > KEEPALIVE_EVERY:
@@ -367,6 +481,8 @@ class DonorServer:
         if s is None:
             return
         self.session = None
+        if s.snapshot is not None:
+            s.snapshot.end()
         if send_error and err is not None:
             for ident in s.streams:
                 self._reply(ident, P.error_response(err.errno, err.message))

@@ -34,15 +34,16 @@ RESP = 1
 
 # Commands, recipient -> donor (MySQL's numbers).
 INIT, ATTACH, REINIT, EXECUTE, ACK, EXIT = 1, 2, 3, 4, 5, 6
-# Responses, donor -> recipient (MySQL's numbers; FILES and KEEPALIVE are our own).
+# Responses, donor -> recipient (MySQL's numbers; FILES, KEEPALIVE, STATE are our own).
 LOCS, DATA_DESC, DATA, PLUGIN, CONFIG, COLLATION = 1, 2, 3, 4, 5, 6
-FILES, KEEPALIVE = 7, 8
+FILES, KEEPALIVE, STATE = 7, 8, 9
 COMPLETE, ERROR = 99, 100
 
 COMMAND_NAMES = {INIT: "INIT", ATTACH: "ATTACH", REINIT: "REINIT", EXECUTE: "EXECUTE",
                  ACK: "ACK", EXIT: "EXIT"}
 RESPONSE_NAMES = {LOCS: "LOCS", DATA_DESC: "DATA_DESC", CONFIG: "CONFIG", FILES: "FILES",
-                  KEEPALIVE: "KEEPALIVE", COMPLETE: "COMPLETE", ERROR: "ERROR"}
+                  KEEPALIVE: "KEEPALIVE", STATE: "STATE", COMPLETE: "COMPLETE",
+                  ERROR: "ERROR"}
 
 # Limits (a peer that exceeds one is a protocol violation).
 MAX_BODY = 8 << 20  #: bytes in a JSON body (a FILES page of long names fits easily)

@@ -51,7 +51,7 @@ from engine.ring import Ring, sweep_stale
 from engine.stage import Pipeline
 from engine.status import COMPLETED, StatusBook
 from engine.transport import dealer, mapped_errors, probe, tcp_url
-from recipient.manifest import Manifest
+from recipient.manifest import REDO_NAME, Manifest
 
 log = logging.getLogger("clone_agent.recipient")
 
@@ -115,6 +115,8 @@ class Pull:
         self.blocks_done = 0
         self.seen: set[int] = set()
         self.url = ""
+        self.point: dict[str, Any] | None = None
+        self.recovery: dict[str, Any] | None = None
 
     # -- wire helpers -----------------------------------------------------------------
     def _send(self, i: int, kind: int, body: dict[str, Any]) -> None:
@@ -212,7 +214,8 @@ class Pull:
             self._send(0, P.INIT, {"version": PROTOCOL_VERSION, "user": o.user,
                                    "password": o.password or "", "agent": "clone-agent",
                                    "os": platform.system(), "machine": platform.machine(),
-                                   "streams": n_streams})
+                                   "streams": n_streams,
+                                   "ddl_timeout": o.config.ddl_timeout})
             try:
                 cfg = self._wait(0, o.connect_timeout, "INIT")
             except NetworkError as exc:
@@ -247,11 +250,34 @@ class Pull:
             st.estimate = self.manifest.total_bytes
             writers.wait_ready(60)
             self._attach_streams(n_streams)
-            credits = self._grant_credit(slots)
-            self._transfer(ring, writers, total_blocks, credits)
-            self.book.update("FILE COPY", self.data_bytes, self.net_bytes)
-            self.book.end_stage("FILE COPY")
-            self._emit_stage("FILE COPY")
+            self._grant_credit(slots)
+            self._transfer(ring, writers, total_blocks, "FILE COPY")
+            self._end_copy_stage("FILE COPY")
+            point: dict[str, Any] | None = None
+            if cfg.body.get("paged"):
+                # PAGE COPY: the pages changed since FILE COPY began, read fresh.
+                body = self._next_state("PAGE COPY")
+                for fid, size in P.want(body, "sizes", dict).items():
+                    self.manifest.grow(int(fid), P.want({"s": size}, "s", int, 0,
+                                                        P.MAX_FILE_SIZE))
+                self.book.begin_stage("PAGE COPY", estimate=body["bytes"], threads=n_streams)
+                self._emit_stage("PAGE COPY")
+                self._transfer(ring, writers, body["blocks"], "PAGE COPY")
+                self._end_copy_stage("PAGE COPY")
+                # REDO COPY: the archived redo up to the consistent point.
+                point = self._next_state("REDO COPY")
+                redo = P.want(point, "redo", dict)
+                self.manifest.add_internal(P.want(redo, "id", int, 0, P.MAX_FILES),
+                                           REDO_NAME, P.want(redo, "bytes", int, 0,
+                                                             P.MAX_FILE_SIZE))
+                for fid, size in P.want(point, "sizes", dict).items():
+                    self.manifest.grow(int(fid), P.want({"s": size}, "s", int, 0,
+                                                        P.MAX_FILE_SIZE))
+                self.book.begin_stage("REDO COPY", estimate=point["bytes"], threads=n_streams)
+                self._emit_stage("REDO COPY")
+                self._transfer(ring, writers, point["blocks"], "REDO COPY")
+                self._end_copy_stage("REDO COPY")
+                self.point = point
             writers.close()
 
         self.book.begin_stage("FILE SYNC", estimate=self.manifest.total_bytes, threads=1)
@@ -263,11 +289,52 @@ class Pull:
         self.book.update("FILE SYNC", self.manifest.total_bytes, 0)
         self.book.end_stage("FILE SYNC")
         self._emit_stage("FILE SYNC")
+        if point is not None:
+            self._recover(dest, point)
         self._send(0, P.EXIT, {"clone_id": self.clone_id, "ok": True})
         self.book.complete()
         summary = self.book.as_dict()
         self._emit_status()
         return summary
+
+    def _next_state(self, name: str) -> dict[str, Any]:
+        """Ask the donor for the next snapshot state; its STATE answer."""
+        self._send(0, P.EXECUTE, {"clone_id": self.clone_id, "what": "state", "state": name})
+        msg = self._wait(0, self.o.idle_timeout, f"EXECUTE {name}")
+        if msg.kind != P.STATE or msg.body.get("state") != name:
+            raise ProtocolError(f"{msg.name} instead of STATE {name}")
+        P.want(msg.body, "blocks", int, 0, 1 << 40)
+        P.want(msg.body, "bytes", int, 0, 1 << 50)
+        return msg.body
+
+    def _end_copy_stage(self, stage: str) -> None:
+        self.book.update(stage, self.data_bytes, self.net_bytes)
+        self.book.end_stage(stage)
+        self._emit_stage(stage)
+        self.data_bytes = self.net_bytes = 0
+        self.seen.clear()
+        self.blocks_done = 0
+
+    def _recover(self, dest: str, point: dict[str, Any]) -> None:
+        """RECOVERY: replay the archived redo up to the clone LSN (recipient/recovery.py)."""
+        from recipient.recovery import recover_clone
+
+        self.book.begin_stage("RECOVERY", estimate=int(point["bytes"]), threads=1)
+        self._emit_stage("RECOVERY")
+        assert self.manifest is not None
+        files = {i.rel for i in self.manifest.items.values() if i.kind == "f" and not i.internal}
+        try:
+            result = recover_clone(dest, point, REDO_NAME, files)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"consistent point malformed: {exc}") from None
+        st = self.book.status
+        st.binlog_file = str(point.get("binlog_file", ""))
+        st.binlog_position = int(point.get("binlog_position", 0))
+        st.gtid_executed = str(point.get("gtid_executed", ""))
+        self.book.update("RECOVERY", int(point["bytes"]), 0)
+        self.book.end_stage("RECOVERY")
+        self._emit_stage("RECOVERY")
+        self.recovery = result
 
     def _attach_streams(self, n: int) -> None:
         assert self.ctx is not None
@@ -286,8 +353,7 @@ class Pull:
             self._send(i, P.EXECUTE, {"clone_id": self.clone_id, "what": "data", "credit": c})
         return credits
 
-    def _transfer(self, ring: Ring, writers: Pipeline, total_blocks: int,
-                  credits: list[int]) -> None:
+    def _transfer(self, ring: Ring, writers: Pipeline, total_blocks: int, stage: str) -> None:
         """Receive every block, hand it to a writer, acknowledge it once it is written."""
         assert self.manifest is not None
         poller = zmq.Poller()
@@ -320,7 +386,7 @@ class Pull:
                     elif msg.kind == P.COMPLETE:
                         complete = True
                     elif msg.kind != P.KEEPALIVE:
-                        raise ProtocolError(f"unexpected {msg.name} during FILE COPY")
+                        raise ProtocolError(f"unexpected {msg.name} during {stage}")
             for _, _, (seq, slot) in writers.events():
                 ring.release(slot)
                 self.blocks_done += 1
@@ -335,9 +401,9 @@ class Pull:
                 last_ping = now
             if now - last_heard > self.o.idle_timeout:
                 raise NetworkError(f"the donor has been silent for {self.o.idle_timeout:g} s")
-            self.book.update("FILE COPY", self.data_bytes, self.net_bytes,
+            self.book.update(stage, self.data_bytes, self.net_bytes,
                              threads=len(self.streams))
-            self._emit_progress("FILE COPY")
+            self._emit_progress(stage)
         if len(self.seen) != total_blocks:
             raise ProtocolError(f"COMPLETE after {len(self.seen)} of {total_blocks} blocks")
 

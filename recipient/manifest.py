@@ -21,6 +21,9 @@ from engine.errors import ProtocolError, UnsafeName
 from engine.fsutil import check_relpath, fsync_dir, syncfs
 
 OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Where REDO COPY's archived redo lands until RECOVERY replays it (our name, never the
+#: donor's: names under #clone/ from the network are refused).
+REDO_NAME = "#clone/#redo_archive"
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Item:
     mode: int
     mtime_ns: int
     target: str = ""
+    internal: bool = False
 
 
 class Manifest:
@@ -108,6 +112,20 @@ class Manifest:
             os.close(self._fd)
             self._fd = None
 
+    def grow(self, fid: int, size: int) -> None:
+        """A paged file that grew during the clone (PAGE COPY / REDO COPY sizes)."""
+        item = self.file(fid)
+        if size < item.size:
+            raise ProtocolError(f"{item.rel!r} would shrink from {item.size} to {size}")
+        self.total_bytes += size - item.size
+        item.size = size
+
+    def add_internal(self, fid: int, rel: str, size: int) -> None:
+        """A file of the clone's own (the redo archive) under a name we choose."""
+        if fid in self.items:
+            raise ProtocolError(f"file id {fid} reused for the redo archive")
+        self.items[fid] = Item("f", rel, size, 0o600, 0, internal=True)
+
     def file(self, fid: Any) -> Item:
         item = self.items.get(fid) if isinstance(fid, int) else None
         if item is None or item.kind != "f":
@@ -124,8 +142,9 @@ class Manifest:
                 try:
                     if os.fstat(fd).st_size != item.size:
                         os.ftruncate(fd, item.size)  # empty files and trailing holes
-                    os.fchmod(fd, item.mode)
-                    os.utime(fd, ns=(item.mtime_ns, item.mtime_ns))
+                    if not item.internal:
+                        os.fchmod(fd, item.mode)
+                        os.utime(fd, ns=(item.mtime_ns, item.mtime_ns))
                 finally:
                     os.close(fd)
             elif item.kind == "l":

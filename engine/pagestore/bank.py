@@ -283,7 +283,7 @@ def verify(datadir: str) -> dict[str, Any]:
                 for k in range(min(256, count - first)):
                     page_no = first + k
                     frame = store.pool.get((sp.id, page_no))
-                    page = frame.page if frame is not None else \
+                    page: bytes | bytearray = frame.page if frame is not None else \
                         chunk[k * P : (k + 1) * P].ljust(P, b"\0")
                     pages += 1
                     why = check_page(page, sp.id, page_no)
@@ -296,13 +296,14 @@ def verify(datadir: str) -> dict[str, Any]:
         max_txn = 0
         n = records_per_page(P)
         for page_no in range(1, 1 + -(-accounts // n)):
-            page = store.get_page(BANK_SPACE, page_no)
-            assert page is not None
+            bank_page = store.get_page(BANK_SPACE, page_no)
+            assert bank_page is not None
             for slot in range(n):
                 acct = (page_no - 1) * n + slot
                 if acct >= accounts:
                     break
-                acct_id, balance, last = RECORD.unpack_from(page, HEADER_SIZE + slot * RECORD.size)
+                acct_id, balance, last = RECORD.unpack_from(bank_page,
+                                                            HEADER_SIZE + slot * RECORD.size)
                 if acct_id != acct:
                     problems.append(f"account {acct} has id {acct_id}")
                 total += balance

@@ -351,7 +351,7 @@ class PageStore:
     def _evict(self) -> None:
         """Keep the pool bounded: flush and drop the least recently used pages."""
         excess = len(self.pool) - self.pool_pages
-        victims = []
+        victims: list[tuple[tuple[int, int], Frame]] = []
         for key, frame in self.pool.items():
             if len(victims) >= max(excess, 64):
                 break
