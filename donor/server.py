@@ -185,7 +185,8 @@ class DonorServer:
         if self.workload_rate is None or self.store is None:
             return
         self.workload = Workload(self.store, rate=self.workload_rate,
-                                 ddl_timeout=self._ddl_timeout, ddl_every=self.ddl_every)
+                                 ddl_timeout=self._ddl_timeout, ddl_every=self.ddl_every,
+                                 ddl_hold=float(self.faults.get("ddl_hold", 0)))
 
         def run() -> None:
             assert self.workload is not None

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import struct
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -172,13 +173,16 @@ class Workload:
 
     def __init__(self, store: PageStore, rate: int = 0, seed: int = 0,
                  ddl_timeout: Callable[[], float] = lambda: 300.0,
-                 ddl_every: float = 3.0) -> None:
+                 ddl_every: float = 3.0, extend_every: int = 500,
+                 ddl_hold: float = 0.0) -> None:
         self.store = store
         self.rate = rate
         self.rng = random.Random(seed * 1_000_003 + store.last_txn)
         self.accounts = int(store.control.get("accounts", 10000))
         self.ddl_timeout = ddl_timeout
         self.ddl_every = ddl_every
+        self.extend_every = extend_every
+        self.ddl_hold = ddl_hold  # fault point (tests): a DDL that keeps the lock this long
         self.stats = WorkloadStats(first_txn=store.last_txn + 1)
         self.on_commit: Callable[[int], None] | None = None
         bank = store.space_by_path(BANK_PATH)
@@ -211,7 +215,7 @@ class Workload:
                 if page is not None and _page_type(page) in (T_DATA, T_SYS, T_UNDO):
                     off = rng.randrange(HEADER_SIZE, s.page_size - 64)
                     records.append(rec_write(sp.id, page_no, off, rng.randbytes(48)))
-            if rng.random() < 0.002:  # a file grows while the load runs
+            if self.extend_every and txn % self.extend_every == 0:  # a file grows
                 new = sp.pages
                 records += [rec_space_extend(sp.id, new + 4), rec_init(sp.id, new, T_DATA),
                             rec_write(sp.id, new, HEADER_SIZE, rng.randbytes(128))]
@@ -232,13 +236,25 @@ class Workload:
             if len(mine) >= 3 or (mine and self.rng.random() < 0.5):
                 s.drop_space(self.rng.choice(mine).id, self.ddl_timeout())
             else:
-                s.create_space(f"test/wl_{s.next_space_id}.ibd", 8, self.ddl_timeout())
+                s.create_space(f"test/wl_{s.next_space_id}.ibd", 8, self.ddl_timeout(),
+                               hold=self.ddl_hold)
             self.stats.ddl += 1
         except LockWaitTimeout as exc:
             self.stats.ddl_failed += 1
             log.warning("DDL failed while a clone runs: ERROR %d: %s", exc.errno, exc.message)
 
     def run(self, should_stop: Callable[[], bool], duration: float | None = None) -> None:
+        """Transfers in this thread; DDL in a second one, as another session would run
+        it, so a DDL waiting on a clone's backup lock does not stall the transfers."""
+        try:
+            self._run(should_stop, duration)
+        finally:
+            if self._ddl_thread is not None:
+                self._ddl_thread.join(self.ddl_timeout() + 60)
+
+    _ddl_thread: threading.Thread | None = None
+
+    def _run(self, should_stop: Callable[[], bool], duration: float | None) -> None:
         started = time.monotonic()
         next_due = started
         next_checkpoint = started + 1.0
@@ -256,8 +272,10 @@ class Workload:
                 self.store.flush_some(256)
                 self.store.checkpoint()
                 next_checkpoint = now + 1.0
-            if self.ddl_every and now >= next_ddl:
-                self.ddl()
+            if self.ddl_every and now >= next_ddl and not (
+                    self._ddl_thread is not None and self._ddl_thread.is_alive()):
+                self._ddl_thread = threading.Thread(target=self.ddl, name="ddl", daemon=True)
+                self._ddl_thread.start()
                 next_ddl = now + self.ddl_every
 
 

@@ -424,10 +424,13 @@ class PageStore:
         write_control(self.root, self.control)
 
     # -- DDL -----------------------------------------------------------------------
-    def create_space(self, path: str, pages: int, ddl_timeout: float) -> int:
-        """CREATE TABLESPACE: waits on the backup lock while a clone runs."""
+    def create_space(self, path: str, pages: int, ddl_timeout: float, hold: float = 0.0) -> int:
+        """CREATE TABLESPACE: waits on the backup lock while a clone runs. ``hold`` keeps
+        the lock that long first (a slow DDL, for tests)."""
         self.backup_lock.acquire_ddl(ddl_timeout)
         try:
+            if hold:
+                time.sleep(hold)  # fault point: the DDL itself is slow
             with self.latch:
                 sid = self.next_space_id
                 header = file_header_page(self.page_size, sid, 0)
