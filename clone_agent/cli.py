@@ -177,6 +177,8 @@ def serve(
              "until the workload commits N more transactions (tests)"),
     fault: Optional[str] = typer.Option(None, "--fault", hidden=True,
                                         help="tear_pages_of=REL (tests: torn page reads)"),
+    report_tps: bool = typer.Option(False, "--report-tps", hidden=True,
+                                    help="print 'tps LAST_TXN CLONING' on stdout each second"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """The donor agent: serve DATADIR until SIGINT/SIGTERM."""
@@ -191,7 +193,8 @@ def serve(
         log.warning("authentication is not implemented yet: any user name is accepted")
         server = DonorServer(str(datadir), host, port, readers=readers, workload=workload,
                              debug_sync=_pairs(debug_sync, int), ddl_every=ddl_every,
-                             faults=_pairs(fault, str))
+                             faults=_pairs(fault, str),
+                             report=_print_line if report_tps else None)
 
         def ready(h: str, p: int) -> None:
             sys.stdout.write(f"ready {h}:{p}\n")
@@ -200,6 +203,11 @@ def serve(
         with StopFlag("the donor") as stop:
             server.serve(should_stop=stop, on_ready=ready)
         log.info("donor stopped")
+
+
+def _print_line(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def _pairs(text: str | None, kind: Callable[[str], Any]) -> dict[str, Any]:
@@ -405,14 +413,15 @@ def status(
 # -- demo and bench ---------------------------------------------------------------------
 @app.command()
 def demo(
-    size: str = typer.Option("256MiB", "--size", help="approximate size of the sample tree"),
+    size: str = typer.Option("384MiB", "--size", help="size of the sample data directory"),
+    rate: int = typer.Option(0, "--rate", help="donor workload TPS (0: as fast as it can)"),
 ) -> None:
-    """Make a sample tree, serve it, pull it over loopback, verify it, clean up."""
+    """Init a data directory, serve it with a live workload, clone it, verify, clean up."""
     from bench.demo import run_demo
     from engine.config import parse_size
 
     with _errors():
-        run_demo(parse_size(size))
+        run_demo(parse_size(size), rate)
 
 
 @app.command()

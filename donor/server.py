@@ -134,7 +134,8 @@ class DonorServer:
     def __init__(self, datadir: str, host: str, port: int, readers: int = 2,
                  slots: int = 32, idle_timeout: float = 60.0, url: str | None = None,
                  workload: int | None = None, debug_sync: dict[str, int] | None = None,
-                 ddl_every: float = 3.0, faults: dict[str, Any] | None = None) -> None:
+                 ddl_every: float = 3.0, faults: dict[str, Any] | None = None,
+                 report: Callable[[str], None] | None = None) -> None:
         if not os.path.isdir(datadir):
             raise UsageError(f"'{datadir}' is not a directory", hint="serve a data directory")
         self.datadir = os.path.abspath(datadir)
@@ -148,6 +149,8 @@ class DonorServer:
         self.debug_sync = debug_sync or {}
         self.ddl_every = ddl_every
         self.faults = faults or {}
+        self.report = report  # once a second: "tps <last_txn> <clone running 0|1>"
+        self._next_report = 0.0
         self.store: PageStore | None = None
         self.workload: Workload | None = None
         self._workload_thread: threading.Thread | None = None
@@ -288,6 +291,10 @@ class DonorServer:
                 self._restart_readers(poller)
                 outbox = self.readers.outbox
             self._pump()
+            if self.report is not None and self.store is not None and \
+                    time.monotonic() >= self._next_report:
+                self._next_report = time.monotonic() + 1.0
+                self.report(f"tps {self.store.last_txn} {int(self.session is not None)}")
 
     def _restart_readers(self, poller: zmq.Poller) -> None:
         assert self.readers is not None
