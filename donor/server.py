@@ -29,7 +29,7 @@ import zmq
 from donor.plan import SKIP_PAGED, Entry, plan, scan
 from donor.snapshot import Snapshot
 from engine import protocol as P
-from engine.codec import BLOCK_SIZE
+from engine.codec import BLOCK_SIZE, CODECS
 from engine.errors import (
     CloneError,
     NotADataDirectory,
@@ -84,7 +84,13 @@ class Session:
             raise
         self.total_bytes = sum(e.size for e in self.entries if e.kind == "f")
         self.ready: deque[list[Any]] = deque()
-        self.inflight: dict[int, tuple[int, Any]] = {}
+        self.inflight: dict[int, tuple[int, int, Any]] = {}
+        self.to_compress: deque[list[Any]] = deque()
+        self.compressing: dict[int, list[Any]] = {}
+        compression = body.get("compression", "none")
+        if compression not in CODECS:
+            raise ProtocolError(f"unknown compression {compression!r}")
+        self.codec = CODECS[compression]
         self.start_state("FILE COPY", plan(self.entries), "read")
         self.last_heard = time.monotonic()
         self.last_sent = time.monotonic()
@@ -162,7 +168,10 @@ class DonorServer:
         self.sock: zmq.Socket[Any] | None = None
         self.ring: Ring | None = None
         self.readers: Pipeline | None = None
-        self._releasing: list[tuple[int, Any]] = []
+        self._releasing: list[tuple[int, int, Any]] = []
+        self.out_ring: Ring | None = None
+        self.compressors: Pipeline | None = None
+        self.poller = zmq.Poller()
 
     # -- lifetime -------------------------------------------------------------------
     def serve(self, should_stop: Callable[[], bool],
@@ -250,6 +259,7 @@ class DonorServer:
                 self.readers.close()
             except CloneError as exc:
                 log.warning("reader pool ended badly: %s", exc.message)
+        self._stop_compressors()
         self._wait_trackers(5.0)
         if self.sock is not None:
             self.sock.close(0)
@@ -268,10 +278,9 @@ class DonorServer:
     # -- the loop -------------------------------------------------------------------
     def _loop(self, should_stop: Callable[[], bool]) -> None:
         assert self.sock is not None and self.readers is not None
-        poller = zmq.Poller()
+        self.poller = poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        outbox = self.readers.outbox
-        poller.register(outbox, zmq.POLLIN)
+        poller.register(self.readers.outbox, zmq.POLLIN)
         while not should_stop():
             ready = dict(poller.poll(100))
             if self.sock in ready:
@@ -289,12 +298,57 @@ class DonorServer:
                 if self.session is not None:
                     self._end_session(exc, send_error=True)
                 self._restart_readers(poller)
-                outbox = self.readers.outbox
+            if self.compressors is not None:
+                try:
+                    for _, _, reply in self.compressors.events():
+                        self._on_compressed(reply)
+                except CloneError as exc:
+                    log.error("compressor failed: %s", exc.message)
+                    if self.session is not None:
+                        self._end_session(exc, send_error=True)
+                    self._stop_compressors()
             self._pump()
             if self.report is not None and self.store is not None and \
                     time.monotonic() >= self._next_report:
                 self._next_report = time.monotonic() + 1.0
                 self.report(f"tps {self.store.last_txn} {int(self.session is not None)}")
+
+    def _start_compressors(self) -> None:
+        """At the first clone that asks for compression: a send ring and the pool."""
+        if self.compressors is not None:
+            return
+        assert self.ctx is not None and self.ring is not None
+        self.out_ring = Ring(self.slots, P.MAX_PAYLOAD)
+        self.compressors = Pipeline(
+            "compressor", "donor.compressor:CompressorWorker", self.n_readers,
+            {"ring": self.ring.name, "capacity": self.ring.capacity,
+             "slot_size": self.ring.slot_size, "out_ring": self.out_ring.name,
+             "out_capacity": self.out_ring.capacity, "out_slot_size": self.out_ring.slot_size},
+            self.ctx)
+        try:
+            self.compressors.start()
+            self.compressors.wait_ready(60)
+        except BaseException:
+            self._stop_compressors()
+            raise
+        self.poller.register(self.compressors.outbox, zmq.POLLIN)
+
+    def _stop_compressors(self) -> None:
+        if self.compressors is not None:
+            if self.compressors.outbox is not None:
+                try:
+                    self.poller.unregister(self.compressors.outbox)
+                except KeyError:
+                    pass
+            try:
+                self.compressors.close()
+            except CloneError as exc:
+                log.warning("compressor pool ended badly: %s", exc.message)
+            self.compressors = None
+        self._wait_trackers(5.0)
+        if self.out_ring is not None:
+            self.out_ring.close()
+            self.out_ring = None
 
     def _restart_readers(self, poller: zmq.Poller) -> None:
         assert self.readers is not None
@@ -334,6 +388,12 @@ class DonorServer:
             clone_id = self._next_clone_id
             self._next_clone_id += 1
             self.session = Session(self, clone_id, ident, msg.body)
+            if self.session.codec:
+                try:
+                    self._start_compressors()
+                except CloneError:
+                    self._end_session(None, send_error=False)
+                    raise
             self._reply(ident, P.response(P.CONFIG, self.session.config_body()))
             return
         if s is None or (msg.body.get("clone_id") != s.clone_id):
@@ -382,7 +442,8 @@ class DonorServer:
             raise ProtocolError(f"unexpected command {msg.name}")
 
     def _next_state(self, ident: bytes, s: Session, name: Any) -> None:
-        if not s.complete_sent or s.inflight or s.ready or s.snapshot is None:
+        if not s.complete_sent or s.inflight or s.ready or s.compressing or s.to_compress \
+                or s.snapshot is None:
             raise ProtocolError(f"{name!r} asked before {s.state} completed")
         if name == "PAGE COPY" and s.state == "FILE COPY":
             blocks, grown = s.snapshot.page_copy(s.entries)
@@ -408,17 +469,46 @@ class DonorServer:
             assert self.ring is not None
             self.ring.release(slot)  # a read for a clone that has ended
             return
-        s.ready.append([seq, slot, length, xxh, segs, span])
+        self._block_read(s, [seq, 0, slot, length, xxh, segs, span, 0, length])
+
+    def _block_read(self, s: Session, item: list[Any]) -> None:
+        """A block is in the read ring: compress it first when the clone asked for it."""
+        if s.codec:
+            s.to_compress.append(item)
+        else:
+            s.ready.append(item)
+
+    def _on_compressed(self, reply: list[Any]) -> None:
+        (clone_id, seq), in_slot, out_slot, codec, wire, xxh = reply
+        assert self.ring is not None and self.out_ring is not None
+        s = self.session
+        item = s.compressing.pop(seq, None) if s is not None and clone_id == s.clone_id \
+            else None
+        if item is None or s is None:
+            self.ring.release(in_slot)
+            self.out_ring.release(out_slot)
+            return
+        if codec:  # what goes on the wire is in the send ring now
+            self.ring.release(in_slot)
+            item[1:5] = [1, out_slot, wire, xxh]
+            item[7] = codec
+        else:
+            self.out_ring.release(out_slot)
+        s.ready.append(item)
 
     # -- moving blocks --------------------------------------------------------------
+    def _ring(self, which: int) -> Ring:
+        ring = self.out_ring if which else self.ring
+        assert ring is not None
+        return ring
+
     def _reap_trackers(self) -> None:
-        assert self.ring is not None
         keep = []
-        for slot, tracker in self._releasing:
+        for which, slot, tracker in self._releasing:
             if tracker is None or tracker.done:
-                self.ring.release(slot)
+                self._ring(which).release(slot)
             else:
-                keep.append((slot, tracker))
+                keep.append((which, slot, tracker))
         self._releasing = keep
 
     def _pump(self) -> None:
@@ -442,13 +532,24 @@ class DonorServer:
                 assert s.snapshot is not None
                 length, xxh, segs = s.snapshot.fill_pages(s.blocks[s.next_block],
                                                            self.ring.slot(slot))
-                s.ready.append([s.next_block, slot, length, xxh, segs, length])
+                self._block_read(s, [s.next_block, 0, slot, length, xxh, segs, length, 0,
+                                     length])
                 filled += 1
             else:
                 w = self.readers.least_loaded()
                 self.readers.submit(w, ["read", [s.clone_id, s.next_block], slot,
                                         s.blocks[s.next_block]])
             s.next_block += 1
+        while s.to_compress and self.compressors is not None:
+            assert self.out_ring is not None
+            out_slot = self.out_ring.acquire()
+            if out_slot is None:
+                break
+            item = s.to_compress.popleft()
+            s.compressing[item[0]] = item
+            self.compressors.submit(self.compressors.least_loaded(),
+                                    ["compress", [s.clone_id, item[0]], item[2], out_slot,
+                                     item[3], s.codec])
         streams = list(s.streams.values())
         while s.ready:
             stream = None
@@ -460,19 +561,20 @@ class DonorServer:
                     break
             if stream is None:
                 break
-            seq, slot, length, xxh, segs, span = s.ready.popleft()
-            body = {"seq": seq, "len": length, "xxh": xxh, "comp": 0, "raw": length,
+            seq, which, slot, length, xxh, segs, span, comp, raw = s.ready.popleft()
+            body = {"seq": seq, "len": length, "xxh": xxh, "comp": comp, "raw": raw,
                     "span": span, "segs": segs}
+            ring = self._ring(which)
             tracker = self._reply(stream.ident,
-                                  P.response(P.DATA_DESC, body, self.ring.slot(slot, length)),
+                                  P.response(P.DATA_DESC, body, ring.slot(slot, length)),
                                   copy=False, track=True)
             if tracker is None:
-                self.ring.release(slot)
+                ring.release(slot)
                 self._end_session(None, send_error=False)
                 return
             stream.credit -= 1
             stream.sent += 1
-            s.inflight[seq] = (slot, tracker)
+            s.inflight[seq] = (which, slot, tracker)
             s.last_sent = now
         if s.acked == len(s.blocks) and not s.complete_sent:
             s.complete_sent = True
@@ -495,8 +597,11 @@ class DonorServer:
             for ident in s.streams:
                 self._reply(ident, P.error_response(err.errno, err.message))
         assert self.ring is not None and self.readers is not None
-        for slot, tracker in s.inflight.values():
-            self._releasing.append((slot, tracker))
+        for which, slot, tracker in s.inflight.values():
+            self._releasing.append((which, slot, tracker))
         for item in s.ready:
-            self.ring.release(item[1])
+            self._ring(item[1]).release(item[2])
+        for item in s.to_compress:
+            self.ring.release(item[2])
+        # blocks still in a compressor come back tagged with the old clone: released then
         self.readers.broadcast(["reset"])

@@ -24,6 +24,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,7 @@ from engine.fsutil import remove_tree
 from engine.ring import Ring, sweep_stale
 from engine.stage import Pipeline
 from engine.status import COMPLETED, StatusBook
+from engine.throttle import MiB, RateLimit
 from engine.transport import dealer, mapped_errors, probe, tcp_url
 from recipient.manifest import REDO_NAME, Manifest
 
@@ -204,18 +206,26 @@ class Pull:
             probe(o.host, o.port, o.connect_timeout)
             url = tcp_url(o.host, o.port)
         self.url = url
-        with Ring(slots, BLOCK_SIZE) as ring, Pipeline(
-            "writer", "recipient.writer:Writer", o.writers,
-            {"ring": ring.name, "capacity": ring.capacity, "slot_size": ring.slot_size,
-             "root": dest},
-            self.ctx,
-        ) as writers:
+        with ExitStack() as stack:
+            ring = stack.enter_context(Ring(slots, BLOCK_SIZE))
+            limits = {}
+            for key, mib in (("data_limit", o.config.max_data_bandwidth),
+                             ("net_limit", o.config.max_network_bandwidth)):
+                if mib:
+                    limits[key] = stack.enter_context(RateLimit.create(mib)).name
+            writers = stack.enter_context(Pipeline(
+                "writer", "recipient.writer:Writer", o.writers,
+                {"ring": ring.name, "capacity": ring.capacity, "slot_size": ring.slot_size,
+                 "root": dest, **limits},
+                self.ctx))
             self.streams.append(dealer(self.ctx, url))
             self._send(0, P.INIT, {"version": PROTOCOL_VERSION, "user": o.user,
                                    "password": o.password or "", "agent": "clone-agent",
                                    "os": platform.system(), "machine": platform.machine(),
                                    "streams": n_streams,
-                                   "ddl_timeout": o.config.ddl_timeout})
+                                   "ddl_timeout": o.config.ddl_timeout,
+                                   "compression": o.config.compression_algorithm
+                                   if o.config.enable_compression else "none"})
             try:
                 cfg = self._wait(0, o.connect_timeout, "INIT")
             except NetworkError as exc:
@@ -347,6 +357,10 @@ class Pull:
                 raise ProtocolError(f"{msg.name} instead of LOCS")
 
     def _grant_credit(self, slots: int) -> list[int]:
+        limit = min((m for m in (self.o.config.max_data_bandwidth,
+                                 self.o.config.max_network_bandwidth) if m), default=0)
+        if limit:  # a throttled clone keeps about a tenth of a second in flight, no more
+            slots = min(slots, max(2, limit * MiB // 10 // BLOCK_SIZE + 1))
         n = len(self.streams)
         credits = [slots // n + (1 if i < slots % n else 0) for i in range(n)]
         for i, c in enumerate(credits):
@@ -363,7 +377,7 @@ class Pull:
         poller.register(writers.outbox, zmq.POLLIN)
         for fd in writers.sentinels():
             poller.register(fd, zmq.POLLIN)
-        origin: dict[int, int] = {}  # block seq -> stream index
+        origin: dict[int, tuple[int, int]] = {}  # block seq -> (stream index, span)
         acks: dict[int, list[int]] = {}
         complete = False
         last_heard = time.monotonic()
@@ -390,7 +404,9 @@ class Pull:
             for _, _, (seq, slot) in writers.events():
                 ring.release(slot)
                 self.blocks_done += 1
-                acks.setdefault(origin.pop(seq), []).append(seq)
+                stream_index, span = origin.pop(seq)
+                self.data_bytes += span  # data counts what is written, as it is written
+                acks.setdefault(stream_index, []).append(seq)
             for i, seqs in acks.items():
                 self._send(i, P.ACK, {"clone_id": self.clone_id, "blocks": seqs,
                                       "credit": len(seqs)})
@@ -408,7 +424,7 @@ class Pull:
             raise ProtocolError(f"COMPLETE after {len(self.seen)} of {total_blocks} blocks")
 
     def _on_block(self, stream: int, msg: P.Message, ring: Ring, writers: Pipeline,
-                  origin: dict[int, int], total_blocks: int) -> None:
+                  origin: dict[int, tuple[int, int]], total_blocks: int) -> None:
         assert self.manifest is not None
         body = msg.body
         seq = P.want(body, "seq", int, 0, total_blocks - 1)
@@ -442,9 +458,8 @@ class Pull:
             raise ProtocolError("the donor sent more blocks than its credit")
         ring.slot(slot, length)[:] = msg.payload
         self.seen.add(seq)
-        origin[seq] = stream
+        origin[seq] = (stream, span)
         writers.submit(writers.least_loaded(), ["write", seq, slot, length, xxh, comp, raw, out])
-        self.data_bytes += span
 
     # -- ending -------------------------------------------------------------------------
     def _abort(self, err: CloneError) -> None:

@@ -14,12 +14,14 @@ slot and acknowledge the block.
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from typing import Any
 
 from engine.codec import Decompressor, checksum
 from engine.errors import ChecksumMismatch
 from engine.ring import RingView
+from engine.throttle import RateLimit
 from recipient.manifest import OPEN_FLAGS
 
 FD_CACHE = 64
@@ -32,6 +34,12 @@ class Writer:
         self.fds: OrderedDict[str, int] = OrderedDict()
         self.decompressors: dict[int, Decompressor] = {}
         self.bytes = 0
+        self.throttled = 0.0
+        # clone_max_data_bandwidth / clone_max_network_bandwidth: budgets shared by every
+        # writer process (engine/throttle.py); the credit they hold back slows the donor.
+        self.limits = [(RateLimit.attach(path), key) for key, path in
+                       (("raw", args.get("data_limit")), ("len", args.get("net_limit")))
+                       if path]
 
     def _open(self, rel: str) -> int:
         fd = self.fds.get(rel)
@@ -46,6 +54,12 @@ class Writer:
 
     def handle(self, msg: list[Any]) -> Any:
         _, seq, slot, length, xxh, comp, raw, segments = msg
+        if self.limits:
+            delay = max(limit.reserve(raw if key == "raw" else length)
+                        for limit, key in self.limits)
+            if delay > 0:
+                self.throttled += delay
+                time.sleep(delay)  # a rate limit, not a wait for a peer
         view = self.ring.slot(slot, length)
         if checksum(view) != xxh:
             raise ChecksumMismatch(f"block {seq} failed its xxh3 checksum; nothing was written")
@@ -72,4 +86,6 @@ class Writer:
         self.fds.clear()
         os.close(self.root)
         self.ring.close()
-        return {"bytes": self.bytes}
+        for limit, _ in self.limits:
+            limit.close()
+        return {"bytes": self.bytes, "throttled_s": self.throttled}

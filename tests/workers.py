@@ -45,3 +45,25 @@ class Filler:
     def close(self) -> Any:
         self.ring.close()
         return None
+
+
+class Drawer:
+    """Takes bytes from a shared rate limit; answers how long it took."""
+
+    def __init__(self, index: int, args: dict[str, Any]) -> None:
+        from engine.throttle import RateLimit
+
+        self.limit = RateLimit.attach(args["limit"])
+
+    def handle(self, msg: list[Any]) -> Any:
+        import time
+
+        _, total, chunk = msg
+        started = time.monotonic()
+        for _ in range(total // chunk):
+            self.limit.take(chunk)
+        return [time.monotonic() - started]
+
+    def close(self) -> Any:
+        self.limit.close()
+        return None
