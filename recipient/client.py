@@ -54,6 +54,7 @@ from engine.status import COMPLETED, StatusBook
 from engine.throttle import MiB, RateLimit
 from engine.transport import dealer, mapped_errors, probe, tcp_url
 from recipient.manifest import REDO_NAME, Manifest
+from recipient.tuner import Tuner
 
 log = logging.getLogger("clone_agent.recipient")
 
@@ -118,6 +119,10 @@ class Pull:
         self.seen: set[int] = set()
         self.url = ""
         self.point: dict[str, Any] | None = None
+        self.granted: list[int] = []
+        self.credit_total = 0
+        self.autotune = False
+        self.tuner = Tuner(1)
         self.recovery: dict[str, Any] | None = None
 
     # -- wire helpers -----------------------------------------------------------------
@@ -242,7 +247,7 @@ class Pull:
             self._emit_stage("DROP DATA")
 
             st = self.book.begin_stage("FILE COPY", estimate=P.want(cfg.body, "bytes", int, 0),
-                                       threads=n_streams)
+                                       threads=1)
             self._emit_stage("FILE COPY")
             self.manifest = Manifest(dest, total_files)
             page = 0
@@ -259,7 +264,10 @@ class Pull:
                 raise ProtocolError("manifest shorter than announced")
             st.estimate = self.manifest.total_bytes
             writers.wait_ready(60)
-            self._attach_streams(n_streams)
+            # Autotuning starts with one stream and adds more while they pay (tuner.py).
+            self.autotune = o.config.autotune_concurrency and n_streams > 1
+            self.tuner = Tuner(n_streams, self._limit_bytes())
+            self._attach_streams(1 if self.autotune else n_streams)
             self._grant_credit(slots)
             self._transfer(ring, writers, total_blocks, "FILE COPY")
             self._end_copy_stage("FILE COPY")
@@ -270,7 +278,7 @@ class Pull:
                 for fid, size in P.want(body, "sizes", dict).items():
                     self.manifest.grow(int(fid), P.want({"s": size}, "s", int, 0,
                                                         P.MAX_FILE_SIZE))
-                self.book.begin_stage("PAGE COPY", estimate=body["bytes"], threads=n_streams)
+                self.book.begin_stage("PAGE COPY", estimate=body["bytes"], threads=len(self.streams))
                 self._emit_stage("PAGE COPY")
                 self._transfer(ring, writers, body["blocks"], "PAGE COPY")
                 self._end_copy_stage("PAGE COPY")
@@ -283,7 +291,7 @@ class Pull:
                 for fid, size in P.want(point, "sizes", dict).items():
                     self.manifest.grow(int(fid), P.want({"s": size}, "s", int, 0,
                                                         P.MAX_FILE_SIZE))
-                self.book.begin_stage("REDO COPY", estimate=point["bytes"], threads=n_streams)
+                self.book.begin_stage("REDO COPY", estimate=point["bytes"], threads=len(self.streams))
                 self._emit_stage("REDO COPY")
                 self._transfer(ring, writers, point["blocks"], "REDO COPY")
                 self._end_copy_stage("REDO COPY")
@@ -304,6 +312,8 @@ class Pull:
         self._send(0, P.EXIT, {"clone_id": self.clone_id, "ok": True})
         self.book.complete()
         summary = self.book.as_dict()
+        summary["autotune"] = [{"t": round(t, 3), "streams": n, "speed": int(v)}
+                               for t, n, v in self.tuner.history]
         self._emit_status()
         return summary
 
@@ -346,26 +356,58 @@ class Pull:
         self._emit_stage("RECOVERY")
         self.recovery = result
 
-    def _attach_streams(self, n: int) -> None:
+    def _attach_streams(self, n: int, start: int = 1) -> None:
         assert self.ctx is not None
-        for i in range(1, n):
+        for i in range(start, n):
             self.streams.append(dealer(self.ctx, self.url))
             self._send(i, P.ATTACH, {"clone_id": self.clone_id, "stream": i})
-        for i in range(1, n):
+        for i in range(start, n):
             msg = self._wait(i, self.o.connect_timeout, "ATTACH")
             if msg.kind != P.LOCS:
                 raise ProtocolError(f"{msg.name} instead of LOCS")
 
-    def _grant_credit(self, slots: int) -> list[int]:
-        limit = min((m for m in (self.o.config.max_data_bandwidth,
-                                 self.o.config.max_network_bandwidth) if m), default=0)
-        if limit:  # a throttled clone keeps about a tenth of a second in flight, no more
-            slots = min(slots, max(2, limit * MiB // 10 // BLOCK_SIZE + 1))
+    def _limit_bytes(self) -> int:
+        mib = min((m for m in (self.o.config.max_data_bandwidth,
+                               self.o.config.max_network_bandwidth) if m), default=0)
+        return mib * MiB
+
+    def _grant_credit(self, slots: int) -> None:
+        """Credit: the ring's slots (fewer under a bandwidth limit: about a tenth of a
+        second in flight), shared evenly by the streams and rebalanced as they grow."""
+        limit = self._limit_bytes()
+        if limit:
+            slots = min(slots, max(2, limit // 10 // BLOCK_SIZE + 1))
+        self.credit_total = slots
+        self.granted = [0] * len(self.streams)
+        for i in range(len(self.streams)):
+            self._send(i, P.EXECUTE, {"clone_id": self.clone_id, "what": "data", "credit": 0})
+        self._rebalance({})
+
+    def _rebalance(self, acked: dict[int, list[int]]) -> None:
+        """ACK what was written; hand each stream credit up to its share of the total."""
         n = len(self.streams)
-        credits = [slots // n + (1 if i < slots % n else 0) for i in range(n)]
-        for i, c in enumerate(credits):
-            self._send(i, P.EXECUTE, {"clone_id": self.clone_id, "what": "data", "credit": c})
-        return credits
+        share = [self.credit_total // n + (1 if i < self.credit_total % n else 0)
+                 for i in range(n)]
+        for i, seqs in acked.items():
+            self.granted[i] -= len(seqs)
+        pool = self.credit_total - sum(self.granted)
+        for i in range(n):
+            give = max(0, min(share[i] - self.granted[i], pool))
+            pool -= give
+            self.granted[i] += give
+            if give or acked.get(i):
+                self._send(i, P.ACK, {"clone_id": self.clone_id, "blocks": acked.get(i, []),
+                                      "credit": give})
+
+    def _add_streams(self, count: int, poller: zmq.Poller) -> None:
+        """Autotuning: open streams up to ``count`` (ATTACH, then data with no credit)."""
+        first = len(self.streams)
+        self._attach_streams(count, start=first)
+        for i in range(first, count):
+            poller.register(self.streams[i], zmq.POLLIN)
+            self.granted.append(0)
+            self._send(i, P.EXECUTE, {"clone_id": self.clone_id, "what": "data", "credit": 0})
+        log.debug("autotune: %d streams", count)
 
     def _transfer(self, ring: Ring, writers: Pipeline, total_blocks: int, stage: str) -> None:
         """Receive every block, hand it to a writer, acknowledge it once it is written."""
@@ -382,11 +424,16 @@ class Pull:
         complete = False
         last_heard = time.monotonic()
         last_ping = time.monotonic()
+        self.tuner.reset(last_heard, self.data_bytes, len(self.streams))
         while not (complete and self.blocks_done == total_blocks):
             if self.o.should_stop():
                 raise QueryInterrupted()
             events = dict(poller.poll(200))
             now = time.monotonic()
+            grow = self.tuner.sample(now, self.data_bytes) if self.autotune else None
+            if grow is not None and not complete:
+                self._add_streams(grow, poller)
+                self._rebalance({})
             for i, sock in enumerate(self.streams):
                 if sock not in events:
                     continue
@@ -407,11 +454,10 @@ class Pull:
                 stream_index, span = origin.pop(seq)
                 self.data_bytes += span  # data counts what is written, as it is written
                 acks.setdefault(stream_index, []).append(seq)
-            for i, seqs in acks.items():
-                self._send(i, P.ACK, {"clone_id": self.clone_id, "blocks": seqs,
-                                      "credit": len(seqs)})
+            if acks:
+                self._rebalance(acks)
                 last_ping = now
-            acks.clear()
+                acks.clear()
             if now - last_ping > 2.0:
                 self._send(0, P.ACK, {"clone_id": self.clone_id, "blocks": [], "credit": 0})
                 last_ping = now
