@@ -278,7 +278,8 @@ class Pull:
                 for fid, size in P.want(body, "sizes", dict).items():
                     self.manifest.grow(int(fid), P.want({"s": size}, "s", int, 0,
                                                         P.MAX_FILE_SIZE))
-                self.book.begin_stage("PAGE COPY", estimate=body["bytes"], threads=len(self.streams))
+                self.book.begin_stage("PAGE COPY", estimate=body["bytes"],
+                                      threads=len(self.streams))
                 self._emit_stage("PAGE COPY")
                 self._transfer(ring, writers, body["blocks"], "PAGE COPY")
                 self._end_copy_stage("PAGE COPY")
@@ -291,7 +292,8 @@ class Pull:
                 for fid, size in P.want(point, "sizes", dict).items():
                     self.manifest.grow(int(fid), P.want({"s": size}, "s", int, 0,
                                                         P.MAX_FILE_SIZE))
-                self.book.begin_stage("REDO COPY", estimate=point["bytes"], threads=len(self.streams))
+                self.book.begin_stage("REDO COPY", estimate=point["bytes"],
+                                      threads=len(self.streams))
                 self._emit_stage("REDO COPY")
                 self._transfer(ring, writers, point["blocks"], "REDO COPY")
                 self._end_copy_stage("REDO COPY")

@@ -25,7 +25,7 @@ def test_pull_copies_everything_faithfully(tree: Path, tmp_path: Path) -> None:
     dest = tmp_path / "clone"
     with Donor(tree) as donor:
         res = run_cli("pull", f"root@{donor.address}", "--data-dir", str(dest),
-                      "--max-concurrency", "4")
+                      "--max-concurrency", "4", "--no-autotune-concurrency")
         assert res.returncode == 0, res.stderr
     assert describe(dest) == describe(tree)
     # holes are not written: the sparse files stay sparse
@@ -53,10 +53,13 @@ def test_json_events_end_with_a_summary(tree: Path, tmp_path: Path) -> None:
     dest = tmp_path / "clone"
     with Donor(tree) as donor:
         res = run_cli("pull", f"u@{donor.address}", "--data-dir", str(dest), "--json",
-                      "--max-concurrency", "1")
+                      "--max-concurrency", "3")
     assert res.returncode == 0, res.stderr
     events = [json.loads(line) for line in res.stdout.splitlines()]
     assert events[-1]["event"] == "summary"
+    # autotuning starts at one stream and never exceeds clone_max_concurrency
+    assert 1 <= events[-1]["clone_progress"][1]["threads"] <= 3
+    assert all(1 <= h["streams"] <= 3 for h in events[-1]["autotune"])
     assert events[-1]["clone_status"]["state"] == "Completed"
     assert any(e["event"] == "stage" and e["stage"] == "FILE COPY" for e in events)
 
