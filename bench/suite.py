@@ -158,8 +158,9 @@ def baselines(src: Path) -> dict[str, Callable[[Path], Run]]:
     return tools
 
 
-def clone_agent_tool(src: Path, extra: list[str]) -> tuple[ServeProcess, Callable[[Path], Run]]:
-    donor = ServeProcess(src)
+def clone_agent_tool(src: Path, extra: list[str], donor: ServeProcess | None = None
+                     ) -> tuple[ServeProcess, Callable[[Path], Run]]:
+    donor = donor or ServeProcess(src)
 
     def run(dest: Path) -> Run:
         assert donor.proc is not None
@@ -182,34 +183,46 @@ def clone_agent_tool(src: Path, extra: list[str]) -> tuple[ServeProcess, Callabl
             raise RuntimeError(f"clone-agent pull failed: {err.decode()[-400:]}")
         return Run(wall, _tree_cpu(dproc) - d0, _children_cpu() - cpu0, sampler.peak)
 
+    assert donor is not None
     return donor, run
 
 
+def _pagestore(root: Path, size: int) -> None:
+    from engine.pagestore import init_datadir
+
+    init_datadir(str(root), size, seed=7)
+
+
 SHAPES_FULL = {
-    "big random": lambda root: datasets.big_random(root, 1 * GiB),
-    "big compressible": lambda root: datasets.big_compressible(root, 1 * GiB),
-    "mixed 1 GiB": lambda root: datasets.mixed(root, 1 * GiB),
+    "big random 1G": lambda root: datasets.big_random(root, 1 * GiB),
+    "big compressible 1G": lambda root: datasets.big_compressible(root, 1 * GiB),
+    "mixed 1G": lambda root: datasets.mixed(root, 1 * GiB),
     "20k small files": lambda root: datasets.small_files(root, 20000),
+    "page store 512M": lambda root: _pagestore(root, 512 * MiB),
 }
 SHAPES_QUICK = {
-    "mixed 256 MiB": lambda root: datasets.mixed(root, 256 * MiB),
+    "mixed 256M": lambda root: datasets.mixed(root, 256 * MiB),
     "5k small files": lambda root: datasets.small_files(root, 5000),
+    "page store 128M": lambda root: _pagestore(root, 128 * MiB),
 }
 
 
 def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None) -> None:
     shapes = SHAPES_QUICK if quick else SHAPES_FULL
-    rounds = rounds or (3 if quick else 5)
+    rounds = rounds or (2 if quick else 5)
     results: list[Result] = []
     base = Path(os.environ.get("CLONE_AGENT_BENCH_DIR") or tempfile.gettempdir())
+    extra: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="clone-agent-bench-", dir=base) as tmp:
         for shape, make in shapes.items():
             src = Path(tmp) / "src"
             make(src)
             size = datasets.tree_bytes(src)
             donor, agent = clone_agent_tool(src, ["--max-concurrency", "4"])
+            _, agent_lz4 = clone_agent_tool(src, ["--max-concurrency", "4",
+                                                  "--enable-compression"], donor=donor)
             with donor:
-                tools = {"clone-agent": agent, **baselines(src)}
+                tools = {"clone-agent": agent, "clone-agent lz4": agent_lz4, **baselines(src)}
                 shape_results = {name: Result(shape, name, size) for name in tools}
                 for r in range(rounds):
                     for name, tool in tools.items():
@@ -217,18 +230,73 @@ def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None)
                         run = tool(dest)
                         shape_results[name].runs.append(run)
                         shutil.rmtree(dest)
-                        _say(json_mode, f"{shape:>18} round {r + 1}/{rounds} {name:<16} "
+                        _say(json_mode, f"{shape:>20} round {r + 1}/{rounds} {name:<16} "
                                         f"{run.wall:6.2f} s")
+                if shape.startswith("mixed"):
+                    extra = _timelines(src, donor, Path(tmp), quick, json_mode)
             results.extend(shape_results.values())
             shutil.rmtree(src)
     report = _report(results)
+    report.update(extra)
+    report["command"] = "clone-agent bench" + (" --quick" if quick else "") + \
+        f" --rounds {rounds}"
     _print_table(report, json_mode)
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "bench.json"), "wb") as f:
             f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+        from bench.charts import draw
+
+        for path in draw(report, out):
+            _say(json_mode, f"wrote {path}")
     if json_mode:
         sys.stdout.write(orjson.dumps(report).decode() + "\n")
+
+
+def _pull_events(donor: ServeProcess, dest: Path, *extra: str) -> list[dict[str, Any]]:
+    p = subprocess.run([sys.executable, "-m", "clone_agent.cli", "pull",
+                        f"bench@127.0.0.1:{donor.port}", "--data-dir", str(dest), "--json",
+                        *extra], capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        raise RuntimeError(f"clone-agent pull failed: {p.stderr[-400:]}")
+    return [orjson.loads(line) for line in p.stdout.splitlines()]
+
+
+def _timelines(src: Path, donor: ServeProcess, tmp: Path, quick: bool,
+               json_mode: bool) -> dict[str, Any]:
+    """One clone's throughput over time, unthrottled and throttled; throttle accuracy."""
+    out: dict[str, Any] = {}
+    size = datasets.tree_bytes(src)
+    limit = max(20, int(size / MiB / (4 if quick else 8)))  # a clone of 4 to 8 seconds
+    for name, extra in (("unthrottled", ()), (f"throttled {limit} MiB/s",
+                                              ("--max-data-bandwidth", str(limit)))):
+        dest = tmp / "timeline"
+        events = _pull_events(donor, dest, "--max-concurrency", "8", *extra)
+        shutil.rmtree(dest)
+        points = [(e["t"], e["data"]) for e in events
+                  if e.get("event") == "progress" and e.get("stage") == "FILE COPY"]
+        out.setdefault("timelines", {})[name] = {
+            "points": points, "autotune": events[-1].get("autotune", [])}
+        if extra:
+            out["throttle"] = {"limit_mib_s": limit, **_accuracy(points, limit * MiB)}
+            _say(json_mode, f"throttle at {limit} MiB/s: worst 2-second window off by "
+                            f"{out['throttle']['worst_error_pct']:.1f}%")
+    return out
+
+
+def _accuracy(points: list[tuple[float, int]], rate: float) -> dict[str, Any]:
+    """Worst deviation from ``rate`` over 2-second windows that start after the first
+    second (windows between progress samples, which come every half second)."""
+    errors = []
+    for i, (t0, d0) in enumerate(points):
+        if t0 < points[0][0] + 1.0:
+            continue
+        for t1, d1 in points[i + 1:]:
+            if t1 - t0 >= 2.0:
+                errors.append(abs((d1 - d0) / (t1 - t0) / rate - 1) * 100)
+                break
+    return {"windows": len(errors), "worst_error_pct": max(errors, default=0.0),
+            "median_error_pct": statistics.median(errors) if errors else 0.0}
 
 
 def _say(json_mode: bool, text: str) -> None:
@@ -260,10 +328,18 @@ def _report(results: list[Result]) -> dict[str, Any]:
 
 def _print_table(report: dict[str, Any], json_mode: bool) -> None:
     stream = sys.stderr if json_mode else sys.stdout
-    print(f"\n{'shape':<18} {'tool':<16} {'GB/s':>6} {'median s':>9} {'agent/tool':>10} "
-          f"{'cpu s/GiB d+r':>14} {'peak PSS MiB':>12}", file=stream)
+    print(f"\n{'shape':<20} {'tool':<16} {'GB/s':>6} {'median s':>9} {'agent/tool':>10} "
+          f"{'cpu s/GiB donor':>15} {'recipient':>9} {'peak PSS MiB':>12}", file=stream)
     for row in report["rows"]:
-        cpu = row["cpu_s_per_gib_donor"] + row["cpu_s_per_gib_recipient"]
         ratio = "" if row["tool"] == "clone-agent" else f"{row['agent_time_ratio']:.2f}"
-        print(f"{row['shape']:<18} {row['tool']:<16} {row['gb_s']:6.2f} {row['wall_s']:9.2f} "
-              f"{ratio:>10} {cpu:14.2f} {row['peak_pss_mib']:12.1f}", file=stream)
+        donor = f"{row['cpu_s_per_gib_donor']:.2f}" if row["tool"].startswith("clone") else "-"
+        print(f"{row['shape']:<20} {row['tool']:<16} {row['gb_s']:6.2f} {row['wall_s']:9.2f} "
+              f"{ratio:>10} {donor:>15} {row['cpu_s_per_gib_recipient']:9.2f} "
+              f"{row['peak_pss_mib']:12.1f}", file=stream)
+    if "throttle" in report:
+        t = report["throttle"]
+        print(f"\nthrottle accuracy at {t['limit_mib_s']} MiB/s over {t['windows']} two-second "
+              f"windows: median {t['median_error_pct']:.1f}%, worst {t['worst_error_pct']:.1f}%",
+              file=stream)
+    print("(agent/tool: clone-agent's time over the tool's, median of per-round ratios; "
+          "baselines' CPU is all in the recipient column)", file=stream)

@@ -119,6 +119,7 @@ class Pull:
         self.seen: set[int] = set()
         self.url = ""
         self.point: dict[str, Any] | None = None
+        self.started = time.monotonic()
         self.granted: list[int] = []
         self.credit_total = 0
         self.autotune = False
@@ -539,7 +540,8 @@ class Pull:
             return
         self._last_progress = now
         st = self.book.stage(stage)
-        self.o.emit({"event": "progress", "stage": stage, "estimate": st.estimate,
+        self.o.emit({"event": "progress", "t": round(now - self.started, 3), "stage": stage,
+                     "estimate": st.estimate,
                      "data": st.data, "network": st.network, "data_speed": st.data_speed,
                      "network_speed": st.network_speed, "threads": st.threads})
 
