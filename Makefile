@@ -32,6 +32,8 @@ bench-tools:
 
 bench: $(STAMP) bench-tools
 	$(BIN)/clone-agent bench --out bench-out
+	$(BIN)/clone-agent bench --link --out bench-out
+	$(BIN)/python -m pytest -q bench/micro --benchmark-only --benchmark-columns=median,ops
 
 clean:
 	rm -rf $(VENV) bench-out .pytest_cache .mypy_cache .ruff_cache

@@ -430,11 +430,20 @@ def bench(
     json_mode: bool = typer.Option(False, "--json"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for JSON and charts"),
     rounds: Optional[int] = typer.Option(None, "--rounds"),
+    link: bool = typer.Option(False, "--link", help="only the rate-limited link benchmark "
+                              "(two network namespaces; needs root)"),
 ) -> None:
     """clone-agent side by side with plain-tool baselines, on the same data, in one run."""
+    from bench.link import run_link_bench
     from bench.suite import run_bench
 
     with _errors(json_mode):
+        if link:
+            report = run_link_bench(rounds=rounds or (2 if quick else 3))
+            if out:
+                os.makedirs(out, exist_ok=True)
+                Path(out, "link.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+            return
         run_bench(quick=quick, json_mode=json_mode, out=str(out) if out else None,
                   rounds=rounds)
 
