@@ -294,6 +294,8 @@ def pull(
     ssl_ca: Optional[str] = typer.Option(None, "--ssl-ca"),
     connect_timeout: float = typer.Option(10.0, "--connect-timeout",
                                           help="seconds to reach the donor (ours)"),
+    writers: int = typer.Option(2, "--writers", min=1, max=32, hidden=True,
+                                help="writer processes (ours, not MySQL's)"),
     json_mode: bool = typer.Option(False, "--json", help="NDJSON events on stdout"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -327,7 +329,7 @@ def pull(
         return do_pull(PullOptions(user=user, host=host, port=port, destination=data_dir,
                                    config=config, password=password, state_dir=_state_dir(),
                                    connect_timeout=connect_timeout, should_stop=stop,
-                                   emit=reporter))
+                                   emit=reporter, writers=writers))
 
     _run_pull(make, json_mode, "the clone")
 
