@@ -10,11 +10,9 @@ and removes everything it made.
 
 from __future__ import annotations
 
-import os
 import selectors
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -25,7 +23,6 @@ from typing import Any
 
 from bench.datasets import tree_bytes
 from clone_agent.progress import Reporter, human
-from engine.codec import checksum
 from engine.config import load_config
 from engine.errors import StageCrashed, VerifyFailed
 
@@ -69,28 +66,6 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-
-
-def fingerprint(root: Path) -> dict[str, Any]:
-    """Everything a faithful copy keeps, per relative path (``#clone/`` excluded)."""
-    out: dict[str, Any] = {}
-    for dirpath, dirnames, files in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        if rel_dir == ".":
-            dirnames[:] = [d for d in dirnames if d != "#clone"]
-        for name in dirnames + files:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            if stat.S_ISREG(st.st_mode):
-                with open(path, "rb") as f:
-                    digest = checksum(f.read())
-                out[rel] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
-            elif stat.S_ISLNK(st.st_mode):
-                out[rel] = (st.st_mode, os.readlink(path))
-            else:
-                out[rel] = (st.st_mode, st.st_mtime_ns)
-    return out
 
 
 class TpsMonitor(threading.Thread):

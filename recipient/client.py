@@ -276,29 +276,9 @@ class Pull:
             point: dict[str, Any] | None = None
             if cfg.body.get("paged"):
                 # PAGE COPY: the pages changed since FILE COPY began, read fresh.
-                body = self._next_state("PAGE COPY")
-                for fid, size in P.want(body, "sizes", dict).items():
-                    self.manifest.grow(int(fid), P.want({"s": size}, "s", int, 0,
-                                                        P.MAX_FILE_SIZE))
-                self.book.begin_stage("PAGE COPY", estimate=body["bytes"],
-                                      threads=len(self.streams))
-                self._emit_stage("PAGE COPY")
-                self._transfer(ring, writers, body["blocks"], "PAGE COPY")
-                self._end_copy_stage("PAGE COPY")
+                self._copy_state("PAGE COPY", ring, writers)
                 # REDO COPY: the archived redo up to the consistent point.
-                point = self._next_state("REDO COPY")
-                redo = P.want(point, "redo", dict)
-                self.manifest.add_internal(P.want(redo, "id", int, 0, P.MAX_FILES),
-                                           REDO_NAME, P.want(redo, "bytes", int, 0,
-                                                             P.MAX_FILE_SIZE))
-                for fid, size in P.want(point, "sizes", dict).items():
-                    self.manifest.grow(int(fid), P.want({"s": size}, "s", int, 0,
-                                                        P.MAX_FILE_SIZE))
-                self.book.begin_stage("REDO COPY", estimate=point["bytes"],
-                                      threads=len(self.streams))
-                self._emit_stage("REDO COPY")
-                self._transfer(ring, writers, point["blocks"], "REDO COPY")
-                self._end_copy_stage("REDO COPY")
+                point = self._copy_state("REDO COPY", ring, writers)
                 self.point = point
             writers.close()
 
@@ -330,6 +310,22 @@ class Pull:
         P.want(msg.body, "blocks", int, 0, 1 << 40)
         P.want(msg.body, "bytes", int, 0, 1 << 50)
         return msg.body
+
+    def _copy_state(self, name: str, ring: Ring, writers: Pipeline) -> dict[str, Any]:
+        """PAGE COPY or REDO COPY: ask for the state, apply its sizes, move its blocks."""
+        assert self.manifest is not None
+        body = self._next_state(name)
+        if "redo" in body:
+            redo = P.want(body, "redo", dict)
+            self.manifest.add_internal(P.want(redo, "id", int, 0, P.MAX_FILES), REDO_NAME,
+                                       P.want(redo, "bytes", int, 0, P.MAX_FILE_SIZE))
+        for fid, size in P.want(body, "sizes", dict).items():
+            self.manifest.grow(int(fid), P.want({"s": size}, "s", int, 0, P.MAX_FILE_SIZE))
+        self.book.begin_stage(name, estimate=body["bytes"], threads=len(self.streams))
+        self._emit_stage(name)
+        self._transfer(ring, writers, body["blocks"], name)
+        self._end_copy_stage(name)
+        return body
 
     def _end_copy_stage(self, stage: str) -> None:
         self.book.update(stage, self.data_bytes, self.net_bytes)
