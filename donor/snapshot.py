@@ -105,8 +105,8 @@ class Snapshot:
         P = self.page_size
         cursor = 0
         segs = []
-        for fid, space, page_no in block:
-            page = self.store.read_page_fresh(space, page_no)
+        fresh = self.store.read_pages_fresh([(space, page_no) for _, space, page_no in block])
+        for (fid, _, page_no), page in zip(block, fresh, strict=True):
             if page is None:
                 continue
             slot[cursor : cursor + P] = page

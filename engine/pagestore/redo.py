@@ -219,6 +219,12 @@ class LogWriter:
             os.fdatasync(self._fd)
             self.flushed_lsn = self.lsn
 
+    def sync_written(self) -> None:
+        """fdatasync what is written so far without holding up writers (the LSN it
+        covers is not recorded: ``flush`` under the latch makes it exact)."""
+        if self._fd >= 0:
+            os.fdatasync(self._fd)
+
     def purge(self, checkpoint_lsn: int) -> None:
         """Remove redo files that end before the checkpoint."""
         files = log_files(self.dir)

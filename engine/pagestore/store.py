@@ -472,6 +472,11 @@ class PageStore:
             self.tracker = None
             return self.archiver.lsn, pages
 
+    def read_pages_fresh(self, pages: list[tuple[int, int]]) -> list[bytes | None]:
+        """Several pages as of one moment, under one latch (PAGE COPY reads a block)."""
+        with self.latch:
+            return [self.read_page_fresh(space, page_no) for space, page_no in pages]
+
     def read_page_fresh(self, space: int, page_no: int) -> bytes | None:
         """The page as of now (the buffer pool's copy when it is there), sealed."""
         with self.latch:
@@ -486,9 +491,13 @@ class PageStore:
 
     def consistent_point(self) -> dict[str, Any]:
         """REDO COPY: the clone LSN at a transaction boundary; archiving stops there."""
+        assert self.log is not None and self.archiver is not None
+        # Make what is already written durable before blocking anyone, so that under
+        # the latch only the last few frames remain to sync.
+        os.fdatasync(self.archiver.fd)
+        self.log.sync_written()
         started = time.monotonic()
         with self.latch:
-            assert self.log is not None and self.archiver is not None
             self.log.flush()
             self.archiver.stop()
             point = {
