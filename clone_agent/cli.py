@@ -177,6 +177,8 @@ def serve(
              "until the workload commits N more transactions (tests)"),
     fault: Optional[str] = typer.Option(None, "--fault", hidden=True,
                                         help="tear_pages_of=REL (tests: torn page reads)"),
+    idle_timeout: float = typer.Option(60.0, "--idle-timeout", hidden=True,
+                                       help="drop a clone whose recipient is silent this long"),
     report_tps: bool = typer.Option(False, "--report-tps", hidden=True,
                                     help="print 'tps LAST_TXN CLONING' on stdout each second"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -192,6 +194,7 @@ def serve(
             raise UsageError("--workload takes transactions per second, 0 for full speed")
         log.warning("authentication is not implemented yet: any user name is accepted")
         server = DonorServer(str(datadir), host, port, readers=readers, workload=workload,
+                             idle_timeout=idle_timeout,
                              debug_sync=_pairs(debug_sync, int), ddl_every=ddl_every,
                              faults=_pairs(fault, str),
                              report=_print_line if report_tps else None)

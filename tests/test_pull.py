@@ -223,3 +223,61 @@ def test_bandwidth_limit_is_applied(tmp_path: Path) -> None:
     row = json.loads(res.stdout.splitlines()[-1])["clone_progress"][1]
     # the figures report what happened; bench/ measures the accuracy
     assert 0 < row["data_speed"] <= 9 << 20
+
+
+def test_donor_stopped_mid_clone_fails_the_clone_cleanly(tmp_path: Path) -> None:
+    from engine.pagestore import init_datadir
+
+    src = tmp_path / "src"
+    init_datadir(str(src), 32 << 20, accounts=1000)
+    dest = tmp_path / "c"
+    with Donor(src, "--workload", "200", "--debug-sync", "clone_page_copy=2000") as donor:
+        proc = subprocess.Popen([*CLI, "pull", f"u@{donor.address}", "--data-dir", str(dest)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=ROOT)
+        deadline = time.monotonic() + 30
+        while not (src / "#ib_archive").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the clone has reached its snapshot, bounded
+        assert donor.stop() == 0  # SIGTERM: the donor ends the clone and exits 0
+        _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 1
+    assert "ERROR 3862 (HY000): Clone Donor Error: 1317 : Query execution was interrupted" in err
+    assert not dest.exists() and not (src / "#ib_archive").exists()
+    assert json.loads(run_cli("verify", str(src), "--json").stdout)["ok"]
+
+
+def test_a_recipient_killed_mid_clone(tmp_path: Path) -> None:
+    """kill -9 of pull: its workers exit by themselves, its ring is swept by the next
+    start, and the donor drops the orphaned clone after its idle timeout."""
+    from engine.ring import sweep_stale
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"f{i}").write_bytes(os.urandom(8 << 20))
+    dest = tmp_path / "c"
+    with Donor(src, "--idle-timeout", "2") as donor:
+        proc = subprocess.Popen([*CLI, "pull", f"u@{donor.address}", "--data-dir", str(dest),
+                                 "--max-data-bandwidth", "4"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=ROOT)
+        deadline = time.monotonic() + 30
+        while not (dest / "f0").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)  # until data flows, bounded
+        proc.kill()
+        proc.communicate(timeout=10)
+        removed = []
+        deadline = time.monotonic() + 15
+        while not removed and time.monotonic() < deadline:
+            removed = [n for n in sweep_stale() if n.startswith(f"clone-agent-{proc.pid}-")]
+            time.sleep(0.1)  # the killed process's ring is swept once it is gone
+        assert removed
+        # the donor serves the next clone once it has dropped the orphan (idle 2 s)
+        deadline = time.monotonic() + 30
+        res = None
+        while time.monotonic() < deadline:
+            res = run_cli("pull", f"u@{donor.address}", "--data-dir", str(tmp_path / "again"))
+            if res.returncode == 0 or "ERROR 3634" not in res.stderr:
+                break
+            time.sleep(0.5)  # 3634 while the donor still holds the orphan; bounded
+        assert res is not None and res.returncode == 0, res.stderr
+    assert "silent" in donor.stderr
