@@ -33,6 +33,7 @@ import psutil
 
 from bench import datasets
 from bench.demo import ServeProcess, free_port
+from engine.errors import UsageError
 from engine.fsutil import syncfs
 
 GiB = 1 << 30
@@ -207,8 +208,14 @@ SHAPES_QUICK = {
 }
 
 
-def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None) -> None:
+def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None,
+              only: str | None = None) -> None:
     shapes = SHAPES_QUICK if quick else SHAPES_FULL
+    if only:
+        shapes = {name: make for name, make in shapes.items() if only in name}
+        if not shapes:
+            raise UsageError(f"no data shape matches {only!r}",
+                             hint="shapes: " + ", ".join({**SHAPES_FULL, **SHAPES_QUICK}))
     rounds = rounds or (2 if quick else 5)
     results: list[Result] = []
     base = Path(os.environ.get("CLONE_AGENT_BENCH_DIR") or tempfile.gettempdir())

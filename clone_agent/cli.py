@@ -437,6 +437,8 @@ def bench(
     rounds: Optional[int] = typer.Option(None, "--rounds"),
     link: bool = typer.Option(False, "--link", help="only the rate-limited link benchmark "
                               "(two network namespaces; needs root)"),
+    shape: Optional[str] = typer.Option(None, "--shape", help="only the data shapes whose "
+                                        "name contains this text (e.g. 'mixed')"),
 ) -> None:
     """clone-agent side by side with plain-tool baselines, on the same data, in one run."""
     from bench.link import run_link_bench
@@ -450,7 +452,7 @@ def bench(
                 Path(out, "link.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
             return
         run_bench(quick=quick, json_mode=json_mode, out=str(out) if out else None,
-                  rounds=rounds)
+                  rounds=rounds, only=shape)
 
 
 def main() -> None:

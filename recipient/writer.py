@@ -9,10 +9,19 @@ destination's directory descriptor with O_NOFOLLOW (the destination holds no lin
 while data flows: they are made at FILE SYNC), and holes are never written, so a
 sparse file stays sparse. The answer ``[seq, slot]`` lets the coordinator free the
 slot and acknowledge the block.
+
+Direct I/O: the 4 KiB-aligned part of a segment (a whole block of a big file, a run of
+pages) is written with O_DIRECT straight from the ring slot, as MySQL's clone writes
+with O_DIRECT from aligned buffers: no copy into the page cache, almost no CPU, and the
+bytes are on the device before the block is acknowledged, so FILE SYNC has little left
+to flush. A file's unaligned tail and batched small files go through the page cache.
+A file system that refuses O_DIRECT (tmpfs, some FUSE) gets buffered writes throughout.
 """
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import time
 from collections import OrderedDict
@@ -25,6 +34,7 @@ from engine.throttle import RateLimit
 from recipient.manifest import OPEN_FLAGS
 
 FD_CACHE = 64
+ALIGN = 4096  #: O_DIRECT alignment of memory, file offset and length (one page)
 
 
 class Writer:
@@ -32,6 +42,12 @@ class Writer:
         self.ring = RingView(args["ring"], args["capacity"], args["slot_size"])
         self.root = os.open(args["root"], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         self.fds: OrderedDict[str, int] = OrderedDict()
+        self.direct_fds: OrderedDict[str, int] = OrderedDict()
+        self.direct = bool(args.get("direct_io", True)) and hasattr(os, "O_DIRECT")
+        self.direct_bytes = 0
+        #: page-aligned scratch for decompressed blocks, so they can go direct too
+        self._scratch = mmap.mmap(-1, args["slot_size"]) if self.direct else None
+        self._scratch_view = memoryview(self._scratch) if self._scratch is not None else None
         self.decompressors: dict[int, Decompressor] = {}
         self.bytes = 0
         self.throttled = 0.0
@@ -41,16 +57,44 @@ class Writer:
                        (("raw", args.get("data_limit")), ("len", args.get("net_limit")))
                        if path]
 
-    def _open(self, rel: str) -> int:
-        fd = self.fds.get(rel)
+    def _open(self, rel: str, direct: bool = False) -> int:
+        cache = self.direct_fds if direct else self.fds
+        fd = cache.get(rel)
         if fd is not None:
-            self.fds.move_to_end(rel)
+            cache.move_to_end(rel)
             return fd
-        fd = os.open(rel, OPEN_FLAGS, 0o600, dir_fd=self.root)
-        self.fds[rel] = fd
-        if len(self.fds) > FD_CACHE:
-            os.close(self.fds.popitem(last=False)[1])
+        if direct:  # the file exists: its buffered descriptor created it
+            fd = os.open(rel, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_DIRECT,
+                         dir_fd=self.root)
+        else:
+            fd = os.open(rel, OPEN_FLAGS, 0o600, dir_fd=self.root)
+        cache[rel] = fd
+        if len(cache) > FD_CACHE:
+            os.close(cache.popitem(last=False)[1])
         return fd
+
+    def _write(self, rel: str, part: memoryview, offset: int, aligned: bool) -> None:
+        """Write ``part`` at ``offset``: its aligned head direct when it can, the rest
+        through the page cache. ``aligned``: ``part`` starts on a page boundary."""
+        fd = self._open(rel)
+        size = len(part)
+        done = 0
+        head = size - size % ALIGN
+        if self.direct and aligned and head and offset % ALIGN == 0:
+            try:
+                dfd = self._open(rel, direct=True)
+                while done < head:
+                    done += os.pwrite(dfd, part[done:head], offset + done)
+                self.direct_bytes += done
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # Refused (a file system without O_DIRECT, or a stricter alignment):
+                # buffered from here on, for this process's every file.
+                self.direct = False
+                done -= done % ALIGN
+        while done < size:
+            done += os.pwrite(fd, part[done:], offset + done)
 
     def handle(self, msg: list[Any]) -> Any:
         _, seq, slot, length, xxh, comp, raw, segments = msg
@@ -63,29 +107,35 @@ class Writer:
         view = self.ring.slot(slot, length)
         if checksum(view) != xxh:
             raise ChecksumMismatch(f"block {seq} failed its xxh3 checksum; nothing was written")
-        data: Any = view
+        data: memoryview = view
         if comp:
             dec = self.decompressors.get(comp)
             if dec is None:
                 dec = self.decompressors[comp] = Decompressor(comp)
-            data = memoryview(dec.decompress(view, raw))
+            out = dec.decompress(view, raw)
+            if self._scratch_view is not None and self.direct:
+                self._scratch_view[:raw] = out
+                data = self._scratch_view[:raw]
+            else:
+                data = memoryview(out)
         cursor = 0
         for rel, offset, size in segments:
-            fd = self._open(rel)
-            part = data[cursor : cursor + size]
-            done = 0
-            while done < size:
-                done += os.pwrite(fd, part[done:], offset + done)
+            self._write(rel, data[cursor : cursor + size], offset, cursor % ALIGN == 0)
             cursor += size
         self.bytes += cursor
         return [seq, slot]
 
     def close(self) -> dict[str, Any]:
-        for fd in self.fds.values():
+        for fd in [*self.fds.values(), *self.direct_fds.values()]:
             os.close(fd)
         self.fds.clear()
+        self.direct_fds.clear()
+        if self._scratch is not None and self._scratch_view is not None:
+            self._scratch_view.release()
+            self._scratch.close()
         os.close(self.root)
         self.ring.close()
         for limit, _ in self.limits:
             limit.close()
-        return {"bytes": self.bytes, "throttled_s": self.throttled}
+        return {"bytes": self.bytes, "direct_bytes": self.direct_bytes,
+                "throttled_s": self.throttled}
