@@ -95,8 +95,14 @@ Segment = list[Any]  # [file_id, absolute path, offset, length]
 
 
 def plan(entries: list[Entry], block_size: int = BLOCK_SIZE) -> list[list[Segment]]:
-    """Cut the files into blocks; each block is a list of segments."""
-    blocks: list[list[Segment]] = []
+    """Cut the files into blocks; each block is a list of segments.
+
+    Blocks of batched small files are spread evenly among the blocks of big files
+    rather than sent at the end: creating thousands of files costs the recipient CPU
+    (inode allocation) while writing big blocks mostly waits on the disk, so the two
+    overlap instead of running one after the other."""
+    whole: list[list[Segment]] = []
+    batches: list[list[Segment]] = []
     batch: list[Segment] = []
     batch_bytes = 0
     for e in entries:
@@ -104,13 +110,29 @@ def plan(entries: list[Entry], block_size: int = BLOCK_SIZE) -> list[list[Segmen
             continue
         if e.size >= block_size:
             for off in range(0, e.size, block_size):
-                blocks.append([[e.id, e.path, off, min(block_size, e.size - off)]])
+                whole.append([[e.id, e.path, off, min(block_size, e.size - off)]])
             continue
         if batch and (batch_bytes + e.size > block_size or len(batch) >= MAX_SEGMENTS):
-            blocks.append(batch)
+            batches.append(batch)
             batch, batch_bytes = [], 0
         batch.append([e.id, e.path, 0, e.size])
         batch_bytes += e.size
     if batch:
-        blocks.append(batch)
-    return blocks
+        batches.append(batch)
+    return _interleave(whole, batches)
+
+
+def _interleave(a: list[list[Segment]], b: list[list[Segment]]) -> list[list[Segment]]:
+    """``a`` and ``b`` merged so that ``b``'s blocks are evenly spaced, each list
+    keeping its own order."""
+    if not a or not b:
+        return a + b
+    out: list[list[Segment]] = []
+    j = 0
+    for i, block in enumerate(a):
+        due = (i + 1) * len(b) // len(a)
+        out.extend(b[j:due])
+        j = due
+        out.append(block)
+    out.extend(b[j:])
+    return out

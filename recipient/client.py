@@ -505,7 +505,12 @@ class Pull:
         ring.slot(slot, length)[:] = msg.payload
         self.seen.add(seq)
         origin[seq] = (stream, span)
-        writers.submit(writers.least_loaded(), ["write", seq, slot, length, xxh, comp, raw, out])
+        # A batch of small files creates files: keep a directory on one writer, so that
+        # two writers do not spin on the same directory lock (ext4 holds it while it
+        # allocates an inode). Blocks of big files go to the least loaded writer.
+        writer = hash(out[0][0].rpartition("/")[0]) % writers.n if len(out) > 1 \
+            else writers.least_loaded()
+        writers.submit(writer, ["write", seq, slot, length, xxh, comp, raw, out])
 
     # -- ending -------------------------------------------------------------------------
     def _abort(self, err: CloneError) -> None:
