@@ -5,7 +5,7 @@ round after round, in turn (A B C A B C ...), so that drift of this noisy machin
 all tools alike; the medians and the per-round ratios are reported. Every tool ends
 with its data durable (clone-agent syncs the file system at FILE SYNC, so each
 baseline is followed by ``sync -f`` on the destination), and destinations are removed
-outside the timed part.
+outside the timed part, the removal synced to disk before the next tool starts.
 
 Measured per run: wall seconds, CPU seconds of the donor side and the recipient side
 (from the kernel's accounting of each process tree), and peak PSS of both sides
@@ -237,6 +237,8 @@ def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None,
                         run = tool(dest)
                         shape_results[name].runs.append(run)
                         shutil.rmtree(dest)
+                        # the removal's own write-back is not the next tool's to pay for
+                        syncfs(tmp)
                         _say(json_mode, f"{shape:>20} round {r + 1}/{rounds} {name:<16} "
                                         f"{run.wall:6.2f} s")
                 if shape.startswith("mixed"):
