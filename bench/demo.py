@@ -146,6 +146,16 @@ def run_demo(size: int, rate: int = 0) -> None:
               f"{report['pages']} pages, {report['bad_pages']} bad")
         print(f"donor transactions per second: {tps_before:,.0f} before the clone, "
               f"{tps_during:,.0f} during it")
+        cp = summary.get("consistent_point", {})
+        if "blocked_s" in cp:
+            print(f"the consistent point held the donor's writes for "
+                  f"{cp['blocked_s'] * 1000:.2f} ms; PAGE COPY sent "
+                  f"{human(_stage(summary, 'PAGE COPY'))}, REDO COPY "
+                  f"{human(_stage(summary, 'REDO COPY'))} of redo")
+
+
+def _stage(summary: dict[str, Any], name: str) -> int:
+    return next((int(r["data"]) for r in summary["clone_progress"] if r["stage"] == name), 0)
 
 
 def say(text: str) -> None:

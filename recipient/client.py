@@ -298,6 +298,10 @@ class Pull:
         summary = self.book.as_dict()
         summary["autotune"] = [{"t": round(t, 3), "streams": n, "speed": int(v)}
                                for t, n, v in self.tuner.history]
+        if point is not None:  # the donor's consistent point, as it reported it
+            summary["consistent_point"] = {
+                key: point[key] for key in ("clone_lsn", "archive_lsn", "last_txn",
+                                            "archive_bytes", "blocked_s") if key in point}
         self._emit_status()
         return summary
 
