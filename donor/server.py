@@ -41,7 +41,7 @@ from engine.errors import (
 from engine.pagestore import PageStore, Workload, is_paged
 from engine.ring import Ring, sweep_stale
 from engine.stage import Pipeline
-from engine.transport import router, tune_allocator
+from engine.transport import calm_gc, router, tune_allocator
 
 log = logging.getLogger("clone_agent.donor")
 
@@ -178,6 +178,7 @@ class DonorServer:
               on_ready: Callable[[str, int], None]) -> None:
         sweep_stale()
         tune_allocator()
+        calm_gc()
         self.ctx = zmq.Context(io_threads=2)
         try:
             if is_paged(self.datadir):

@@ -39,6 +39,7 @@ import orjson
 import zmq
 
 from engine.errors import CloneError, StageCrashed, by_number, outcome_of
+from engine.transport import calm_gc
 
 log = logging.getLogger("clone_agent.stage")
 
@@ -94,6 +95,7 @@ def _child_main(
     try:
         module, _, name = target.partition(":")
         handler = getattr(importlib.import_module(module), name)(index, args)
+        calm_gc()
         push.send(orjson.dumps(["ready", index, None]))
         while True:
             if not pull.poll(1000):

@@ -52,7 +52,7 @@ from engine.ring import Ring, sweep_stale
 from engine.stage import Pipeline
 from engine.status import COMPLETED, StatusBook
 from engine.throttle import MiB, RateLimit
-from engine.transport import dealer, mapped_errors, probe, tcp_url, tune_allocator
+from engine.transport import calm_gc, dealer, mapped_errors, probe, tcp_url, tune_allocator
 from recipient.manifest import REDO_NAME, Manifest
 from recipient.tuner import Tuner
 
@@ -205,6 +205,7 @@ class Pull:
         o = self.o
         n_streams, slots = concurrency_plan(o.config)
         tune_allocator()
+        calm_gc()
         self.ctx = zmq.Context(io_threads=2)
         # DROP DATA: nothing to drop in a new directory; this is where we reach the donor.
         self.book.begin_stage("DROP DATA")
