@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# bytecode up front: where PYTHONDONTWRITEBYTECODE is set, every process (each
+	@# worker too) would compile the project's modules again at every start
+	$(BIN)/python -m compileall -q engine donor recipient clone_agent bench
 	touch $(STAMP)
 
 demo: $(STAMP)
