@@ -210,7 +210,7 @@ SHAPES_QUICK = {
 
 
 def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None,
-              only: str | None = None) -> None:
+              only: str | None = None, remove_each: bool = False) -> None:
     shapes = SHAPES_QUICK if quick else SHAPES_FULL
     if only:
         shapes = {name: make for name, make in shapes.items() if only in name}
@@ -238,7 +238,8 @@ def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None,
                 # pay for its predecessor's (0.33 instead of 0.02 ms a file here). A
                 # kept destination leaves the page cache, so that memory pressure from
                 # earlier runs does not weigh on later ones either.
-                keep = shutil.disk_usage(tmp).free > size * len(tools) * rounds * 1.2 + 4 * GiB
+                keep = not remove_each and \
+                    shutil.disk_usage(tmp).free > size * len(tools) * rounds * 1.2 + 4 * GiB
                 made: list[Path] = []
                 for r in range(rounds):
                     for name, tool in tools.items():
@@ -261,7 +262,7 @@ def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None,
     report = _report(results)
     report.update(extra)
     report["command"] = "clone-agent bench" + (" --quick" if quick else "") + \
-        f" --rounds {rounds}"
+        f" --rounds {rounds}" + (" --remove-each" if remove_each else "")
     _print_table(report, json_mode)
     if out:
         os.makedirs(out, exist_ok=True)

@@ -439,6 +439,9 @@ def bench(
                               "(two network namespaces; needs root)"),
     shape: Optional[str] = typer.Option(None, "--shape", help="only the data shapes whose "
                                         "name contains this text (e.g. 'mixed')"),
+    remove_each: bool = typer.Option(False, "--remove-each", help="remove each destination "
+                                     "right after its run (the next tool then pays for "
+                                     "the freed inodes; see docs/architecture.md)"),
 ) -> None:
     """clone-agent side by side with plain-tool baselines, on the same data, in one run."""
     from bench.link import run_link_bench
@@ -452,7 +455,7 @@ def bench(
                 Path(out, "link.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
             return
         run_bench(quick=quick, json_mode=json_mode, out=str(out) if out else None,
-                  rounds=rounds, only=shape)
+                  rounds=rounds, only=shape, remove_each=remove_each)
 
 
 def main() -> None:
