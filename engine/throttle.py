@@ -75,7 +75,7 @@ class RateLimit:
             if rate <= 0:
                 return 0.0
             now = self.clock()
-            start = max(tat, now - self.burst_s)  # an idle spell earns at most the burst
+            start = max(tat, now)  # an idle spell earns at most the burst (GCRA tolerance)
             new_tat = start + nbytes / rate
             _STATE.pack_into(self._map, 0, rate, new_tat)
             return max(0.0, new_tat - self.burst_s - now)

@@ -90,3 +90,16 @@ def test_one_budget_for_every_process() -> None:
         assert total_time > 0.8, total_time
     finally:
         ctx.term()
+
+
+def test_a_late_start_earns_one_burst_at_most() -> None:
+    """A limit created at the start of a pull is first used after the manifest (here
+    0.3 s later): the data then granted at once is one burst (0.1 s of the rate), no
+    more; before, an idle spell earned two."""
+    clock = Clock()
+    with RateLimit.create(32, clock=clock) as limit:
+        clock.t += 0.3
+        t1 = clock.t
+        log = drive(limit, clock, 1 << 20, 2)
+    early = sum(n for when, n in log if when <= t1 + 0.2)
+    assert early <= (32 * 0.3 + 1) * MiB  # 0.2 s of the rate, one burst of 0.1 s
