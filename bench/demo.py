@@ -91,7 +91,7 @@ class TpsMonitor(threading.Thread):
     def wait_samples(self, n: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while len(self.samples) < n and time.monotonic() < deadline:
-            time.sleep(0.1)  # the donor reports once a second; bounded
+            time.sleep(0.1)  # the donor reports 4 times a second; bounded
 
 
 def run_demo(size: int, rate: int = 0) -> None:
@@ -111,7 +111,7 @@ def run_demo(size: int, rate: int = 0) -> None:
             monitor.start()
             say(f"demo: donor serving on 127.0.0.1:{donor.port} with a live workload "
                 f"({load}); measuring its rate before the clone")
-            monitor.wait_samples(4, 15)
+            monitor.wait_samples(12, 15)
             say("demo: pulling over loopback while the donor keeps writing")
             reporter = Reporter(json_mode=False)
             started = time.monotonic()

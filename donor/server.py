@@ -155,7 +155,7 @@ class DonorServer:
         self.debug_sync = debug_sync or {}
         self.ddl_every = ddl_every
         self.faults = faults or {}
-        self.report = report  # once a second: "tps <last_txn> <clone running 0|1>"
+        self.report = report  # 4 times a second: "tps <last_txn> <clone running 0|1>"
         self._next_report = 0.0
         self.store: PageStore | None = None
         self.workload: Workload | None = None
@@ -312,7 +312,7 @@ class DonorServer:
             self._pump()
             if self.report is not None and self.store is not None and \
                     time.monotonic() >= self._next_report:
-                self._next_report = time.monotonic() + 1.0
+                self._next_report = time.monotonic() + 0.25
                 self.report(f"tps {self.store.last_txn} {int(self.session is not None)}")
 
     def _start_compressors(self) -> None:
