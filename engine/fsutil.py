@@ -86,8 +86,9 @@ def check_relpath(name: object) -> str:
             raise UnsafeName(f"file name {name!r} has a '{os.fsdecode(part) or '//'}' component")
         if len(part) > MAX_COMPONENT:
             raise UnsafeName(f"file name component of {len(part)} bytes in {name[:80]!r}")
-    if name.partition("/")[0] in RESERVED_TOP:
-        raise UnsafeName(f"file name {name!r} uses the reserved '{parts[0]}' folder")
+    top = name.partition("/")[0]
+    if top in RESERVED_TOP:
+        raise UnsafeName(f"file name {name!r} uses the reserved '{top}' folder")
     return name
 
 

@@ -217,20 +217,23 @@ class Pipeline:
             if crash is not None:
                 self._teardown()
                 raise crash
-        self._reap(timeout=0.0 if abort else 1.0)
+        self._reap(timeout=0.0 if abort else 1.0, quiet=abort)
         self._teardown()
         return self._finals
 
     def _alive_count(self) -> int:
         return sum(1 for i, p in enumerate(self.procs) if p.exitcode is None or i in self._finals)
 
-    def _reap(self, timeout: float) -> None:
+    def _reap(self, timeout: float, quiet: bool = False) -> None:
+        """Join every worker within ``timeout``, then terminate, then kill. ``quiet``: an
+        abort, where terminating at once is the plan, not a worker's fault."""
         deadline = time.monotonic() + timeout
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))
         for proc in self.procs:
             if proc.exitcode is None:
-                log.warning("%s did not stop in time; terminating it", proc.name)
+                (log.debug if quiet else log.warning)(
+                    "%s did not stop in time; terminating it", proc.name)
                 proc.terminate()
                 proc.join(2.0)
             if proc.exitcode is None:
