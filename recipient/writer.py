@@ -15,7 +15,8 @@ pages) is written with O_DIRECT straight from the ring slot, as MySQL's clone wr
 with O_DIRECT from aligned buffers: no copy into the page cache, almost no CPU, and the
 bytes are on the device before the block is acknowledged, so FILE SYNC has little left
 to flush. A file's unaligned tail and batched small files go through the page cache.
-A file system that refuses O_DIRECT (tmpfs, some FUSE) gets buffered writes throughout.
+A file system that refuses O_DIRECT (tmpfs before Linux 6.6, some FUSE) gets buffered
+writes throughout.
 """
 
 from __future__ import annotations
