@@ -6,10 +6,9 @@ directory, fsync, rename, fsync the directory.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from collections.abc import Iterable
+from typing import Any
 
 from engine.errors import UnsafeName
 
@@ -42,14 +41,28 @@ def write_durable(path: str, data: bytes) -> None:
     fsync_dir(os.path.dirname(path) or ".")
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_LIBC: Any = None
+
+
+def libc() -> Any:
+    """This process's C library (syncfs, mallopt), loaded at first use: ``dlopen(NULL)``
+    finds it without ``ctypes.util.find_library``, which runs ``ldconfig`` in a
+    subprocess (tens of milliseconds in every process that imported this module)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
 
 
 def syncfs(path: str) -> None:
     """Flush the whole file system holding ``path`` (one call instead of one fsync a file)."""
+    import ctypes
+
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if _libc.syncfs(fd) != 0:
+        if libc().syncfs(fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), path)
     finally:

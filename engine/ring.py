@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import secrets
 from collections import deque
 from dataclasses import dataclass
 
@@ -99,7 +98,7 @@ class Ring(RingView):
     def __init__(self, capacity: int, slot_size: int) -> None:
         if capacity < 1 or slot_size < 1:
             raise ValueError("a ring needs at least one slot of at least one byte")
-        self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        self.name = f"{PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
         self.capacity = capacity
         self.slot_size = slot_size
         self._map = _Mapping(self.name, capacity * slot_size, create=True)

@@ -27,7 +27,6 @@ import importlib
 import logging
 import multiprocessing
 import os
-import secrets
 import signal
 import sys
 import time
@@ -75,7 +74,7 @@ def _bare_main() -> Iterator[None]:
 
 
 def _endpoint(kind: str) -> str:
-    return f"ipc://@clone-agent-{os.getpid()}-{secrets.token_hex(4)}-{kind}"
+    return f"ipc://@clone-agent-{os.getpid()}-{os.urandom(4).hex()}-{kind}"
 
 
 def _child_main(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import secrets
 import struct
 import time
 from collections.abc import Callable
@@ -48,7 +47,7 @@ class RateLimit:
     @classmethod
     def create(cls, mib_per_s: float, clock: Callable[[], float] = time.monotonic,
                burst_s: float = 0.1) -> RateLimit:
-        path = os.path.join(SHM_DIR, f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}-rate")
+        path = os.path.join(SHM_DIR, f"{PREFIX}{os.getpid()}-{os.urandom(4).hex()}-rate")
         limit = cls(path, owner=True, burst_s=burst_s, clock=clock)
         limit.set_rate(mib_per_s)
         return limit
