@@ -15,11 +15,13 @@ a kill -9 of the owner); the log is fsynced before any page it covers is flushed
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,8 @@ from engine.fsutil import fsync_dir, write_durable
 from engine.pagestore.apply import apply_mtr
 from engine.pagestore.page import file_header_page, page_checksum
 from engine.pagestore.redo import (
+    R_INIT,
+    R_WRITE,
     LogWriter,
     Mtr,
     rec_init,
@@ -50,6 +54,7 @@ CONTROL = "control"
 LOCK_FILE = "owner.lock"
 FIRST_LSN = 8192
 BINLOG_ROTATE = 1 << 20  #: emulated binlog file size before the next file
+PREFETCH_PAGES = 1 << 16  #: pages recovery asks the kernel for ahead (1 GiB at 16 KiB)
 
 
 def binlog_name(number: int) -> str:
@@ -323,6 +328,7 @@ class PageStore:
 
     # -- recovery ------------------------------------------------------------------
     def _recover(self) -> None:
+        self._prefetch(scan_log(os.path.join(self.root, REDO_DIR), self.checkpoint_lsn))
         lsn = self.checkpoint_lsn
         for mtr in scan_log(os.path.join(self.root, REDO_DIR), self.checkpoint_lsn):
             apply_mtr(self, mtr)
@@ -332,6 +338,37 @@ class PageStore:
                 self.lsn = lsn
                 self._evict_clean()
         self.lsn = lsn
+
+    def _prefetch(self, mtrs: Iterator[Mtr]) -> None:
+        """Ask the kernel at once for every page the redo will touch, in file order.
+
+        Read one at a time, pages that are not in the page cache (a clone's, written with
+        O_DIRECT) cost a disk round trip each, about 0.2 ms here; asked for together they
+        are read in parallel. A first pass over the log is cheap (it is parsed again to
+        apply it); at most PREFETCH_PAGES pages are asked for."""
+        wanted: set[tuple[int, int]] = set()
+        for mtr in mtrs:
+            for rec in mtr.records():
+                if rec[0] == R_WRITE or rec[0] == R_INIT:
+                    wanted.add((rec[1], rec[2]))
+            if len(wanted) >= PREFETCH_PAGES:
+                break
+        run: tuple[int, int, int] | None = None  # space, first page, pages
+        for space, page_no in sorted(wanted):
+            if run is not None and run[0] == space and run[1] + run[2] == page_no:
+                run = (space, run[1], run[2] + 1)
+                continue
+            if run is not None:
+                self._willneed(*run)
+            run = (space, page_no, 1)
+        if run is not None:
+            self._willneed(*run)
+
+    def _willneed(self, space: int, first: int, pages: int) -> None:
+        sp = self.spaces.get(space)
+        if sp is not None and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(sp.fd, first * self.page_size, pages * self.page_size,
+                             os.POSIX_FADV_WILLNEED)
 
     # -- writing -------------------------------------------------------------------
     def commit(self, records: list[bytes]) -> int:
@@ -362,7 +399,8 @@ class PageStore:
 
     def _evict_clean(self) -> None:
         """During recovery (no log writer yet): drop clean pages, write dirty ones."""
-        for key in list(self.pool)[: len(self.pool) - self.pool_pages]:
+        excess = len(self.pool) - self.pool_pages
+        for key in list(itertools.islice(self.pool, max(excess, 64))):
             frame = self.pool[key]
             if frame.dirty:
                 sp = self.spaces.get(key[0])
