@@ -40,8 +40,8 @@ from engine.errors import (
 )
 from engine.pagestore import PageStore, Workload, is_paged
 from engine.ring import Ring, sweep_stale
-from engine.stage import Pipeline
-from engine.transport import calm_gc, router, tune_allocator
+from engine.stage import Pipeline, calm_gc
+from engine.transport import router, tune_allocator
 
 log = logging.getLogger("clone_agent.donor")
 

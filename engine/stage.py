@@ -38,7 +38,6 @@ import orjson
 import zmq
 
 from engine.errors import CloneError, StageCrashed, by_number, outcome_of
-from engine.transport import calm_gc
 
 log = logging.getLogger("clone_agent.stage")
 
@@ -75,6 +74,20 @@ def _bare_main() -> Iterator[None]:
 
 def _endpoint(kind: str) -> str:
     return f"ipc://@clone-agent-{os.getpid()}-{os.urandom(4).hex()}-{kind}"
+
+
+def calm_gc() -> None:
+    """Run Python's cycle collector rarely in a process that moves blocks.
+
+    The hot loops allocate a few small dicts and lists per block and make no cycles
+    worth chasing; at the default threshold (a collection every 700 allocations) the
+    collector took about 3% of a clone's CPU here, walking the same long-lived objects
+    each time. What exists now (modules, the manifest) is frozen out of its view.
+    Called once by each coordinator and each worker (below), after start-up."""
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
 
 
 def _child_main(

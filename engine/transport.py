@@ -111,20 +111,6 @@ def mapped_errors(what: str) -> Iterator[None]:
         raise NetworkError(f"{what}: {exc.strerror}") from exc
 
 
-def calm_gc() -> None:
-    """Run Python's cycle collector rarely in a process that moves blocks.
-
-    The hot loops allocate a few small dicts and lists per block and make no cycles
-    worth chasing; at the default threshold (a collection every 700 allocations) the
-    collector took about 3% of a clone's CPU here, walking the same long-lived objects
-    each time. What exists now (modules, the manifest) is frozen out of its view.
-    Called once by each coordinator and each worker, after start-up."""
-    import gc
-
-    gc.freeze()
-    gc.set_threshold(100_000, 50, 100)
-
-
 def tune_allocator() -> None:
     """Keep 1 MiB message buffers in the heap instead of one mmap each.
 

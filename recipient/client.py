@@ -49,10 +49,10 @@ from engine.errors import (
 )
 from engine.fsutil import remove_tree
 from engine.ring import Ring, sweep_stale
-from engine.stage import Pipeline
+from engine.stage import Pipeline, calm_gc
 from engine.status import COMPLETED, StatusBook
 from engine.throttle import MiB, RateLimit
-from engine.transport import calm_gc, dealer, mapped_errors, probe, tcp_url, tune_allocator
+from engine.transport import dealer, mapped_errors, probe, tcp_url, tune_allocator
 from recipient.manifest import REDO_NAME, Manifest
 from recipient.tuner import Tuner
 

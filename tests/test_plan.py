@@ -39,8 +39,7 @@ def test_every_byte_of_every_file_is_planned_once(tmp_path: Path) -> None:
 def test_small_file_batches_are_spread_among_big_blocks(tmp_path: Path) -> None:
     _tree(tmp_path)
     blocks = plan(scan(str(tmp_path)))
-    kinds = ["batch" if len(b) > 1 or b[0][3] < BLOCK_SIZE and b[0][2] == 0
-             and "small" in b[0][1] else "big" for b in blocks]
+    kinds = ["batch" if "/small/" in b[0][1] else "big" for b in blocks]
     assert kinds.count("batch") >= 5 and kinds.count("big") == 4
     # not all batches at the end: a big block comes after the first batch
     first_batch = kinds.index("batch")
