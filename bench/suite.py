@@ -247,6 +247,12 @@ def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None,
                         run = tool(dest)
                         shape_results[name].runs.append(run)
                         made.append(dest)
+                        # Untimed: write back what the tool left dirty, so that the
+                        # next tool starts on a quiet disk. cp -a and tar leave their
+                        # whole output in the page cache; flushed in the background,
+                        # it would slow whichever tool ran next (clone-agent writes
+                        # durably, with O_DIRECT, and waited behind it).
+                        syncfs(tmp)
                         if keep:
                             _evict(dest)
                         else:

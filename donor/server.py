@@ -29,7 +29,7 @@ import zmq
 from donor.plan import SKIP_PAGED, Entry, plan, scan
 from donor.snapshot import Snapshot
 from engine import protocol as P
-from engine.codec import BLOCK_SIZE, CODECS
+from engine.codec import CODECS, MAX_BLOCK, valid_block_size
 from engine.errors import (
     CloneError,
     NotADataDirectory,
@@ -87,11 +87,16 @@ class Session:
         self.inflight: dict[int, tuple[int, int, Any]] = {}
         self.to_compress: deque[list[Any]] = deque()
         self.compressing: dict[int, list[Any]] = {}
+        # The recipient's block size (absent: 1 MiB, the size before it was negotiated)
+        self.block_size = body.get("block_size", 1 << 20)
+        if not valid_block_size(self.block_size):
+            raise ProtocolError(f"block size {self.block_size!r} not a power of two "
+                                "from 64 KiB to 4 MiB")
         compression = body.get("compression", "none")
         if compression not in CODECS:
             raise ProtocolError(f"unknown compression {compression!r}")
         self.codec = CODECS[compression]
-        self.start_state("FILE COPY", plan(self.entries), "read")
+        self.start_state("FILE COPY", plan(self.entries, self.block_size), "read")
         self.last_heard = time.monotonic()
         self.last_sent = time.monotonic()
         self._rr = 0
@@ -121,7 +126,7 @@ class Session:
             "files": len(self.entries),
             "bytes": self.total_bytes,
             "blocks": len(self.blocks),
-            "block_size": BLOCK_SIZE,
+            "block_size": self.block_size,
             "files_page": P.MAX_FILES_PAGE,
             "paged": self.snapshot is not None,
             "page_size": self.snapshot.page_size if self.snapshot else 0,
@@ -138,7 +143,7 @@ class DonorServer:
     """Serves ``datadir`` on ``host:port`` until ``should_stop()`` says so."""
 
     def __init__(self, datadir: str, host: str, port: int, readers: int = 2,
-                 slots: int = 32, idle_timeout: float = 60.0, url: str | None = None,
+                 slots: int = 16, idle_timeout: float = 60.0, url: str | None = None,
                  workload: int | None = None, debug_sync: dict[str, int] | None = None,
                  ddl_every: float = 3.0, faults: dict[str, Any] | None = None,
                  report: Callable[[str], None] | None = None) -> None:
@@ -188,7 +193,9 @@ class DonorServer:
                 raise NotADataDirectory(self.datadir, hint="--workload needs a data directory "
                                         "made by `clone-agent init`")
             self.sock, self.port = router(self.ctx, self.host, self.port, self.url)
-            self.ring = Ring(self.slots, BLOCK_SIZE)
+            # Slots as large as the largest block a recipient may ask for; a clone of
+            # smaller blocks touches (and so costs) only the head of each.
+            self.ring = Ring(self.slots, MAX_BLOCK)
             self._start_readers()
             on_ready(self.host, self.port)
             self._loop(should_stop)
@@ -448,14 +455,14 @@ class DonorServer:
                 or s.snapshot is None:
             raise ProtocolError(f"{name!r} asked before {s.state} completed")
         if name == "PAGE COPY" and s.state == "FILE COPY":
-            blocks, grown = s.snapshot.page_copy(s.entries)
+            blocks, grown = s.snapshot.page_copy(s.entries, s.block_size)
             s.start_state("PAGE COPY", blocks, "pages")
             body = {"clone_id": s.clone_id, "state": name, "blocks": len(blocks),
                     "bytes": sum(len(b) for b in blocks) * s.snapshot.page_size,
                     "sizes": {str(k): v for k, v in grown.items()}}
         elif name == "REDO COPY" and s.state == "PAGE COPY":
             entry, point = s.snapshot.redo_copy(len(s.entries), s.entries)
-            blocks = plan([entry])
+            blocks = plan([entry], s.block_size)
             s.start_state("REDO COPY", blocks, "read")
             body = {"clone_id": s.clone_id, "state": name, "blocks": len(blocks),
                     "bytes": entry.size, "redo": {"id": entry.id, "bytes": entry.size},

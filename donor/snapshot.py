@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from donor.plan import Entry
-from engine.codec import BLOCK_SIZE, checksum
+from engine.codec import checksum
 from engine.pagestore import PageStore
 
 log = logging.getLogger("clone_agent.donor")
@@ -69,7 +69,8 @@ class Snapshot:
             time.sleep(0.005)  # our own workload thread commits meanwhile; bounded
 
     # -- PAGE COPY --------------------------------------------------------------------
-    def page_copy(self, entries: list[Entry]) -> tuple[list[list[list[int]]], dict[int, int]]:
+    def page_copy(self, entries: list[Entry], block_size: int
+                  ) -> tuple[list[list[list[int]]], dict[int, int]]:
         """Blocks of ``[file_id, space_id, page_no]`` and the grown sizes by file id."""
         self.archive_lsn, pages = self.store.start_archiving_stop_tracking()
         log.info("PAGE COPY: archiving redo from LSN %d; %d tracked pages", self.archive_lsn,
@@ -81,7 +82,7 @@ class Snapshot:
             entry = by_path.get(sp.path)
             if entry is not None:
                 fid_of[sp.id] = entry
-        per_block = max(1, BLOCK_SIZE // self.page_size)
+        per_block = max(1, block_size // self.page_size)
         blocks: list[list[list[int]]] = []
         current: list[list[int]] = []
         grown: dict[int, int] = {}

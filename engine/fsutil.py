@@ -26,19 +26,23 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_durable(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably."""
+def write_durable(path: str, data: bytes, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically (a reader sees the old or the new
+    content, whole), and durably unless ``durable`` is False (no fsync: a crash may
+    then leave the old content, or an empty file)."""
     tmp = f"{path}.tmp{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
+    if durable:
+        fsync_dir(os.path.dirname(path) or ".")
 
 
 _LIBC: Any = None

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from engine.codec import BLOCK_SIZE, BLOCKS_PER_CHUNK
+from engine.codec import BLOCKS_PER_CHUNK, MAX_BLOCK
 from engine.errors import ProtocolError
 
 MAGIC = b"CA"
@@ -47,7 +47,7 @@ RESPONSE_NAMES = {LOCS: "LOCS", DATA_DESC: "DATA_DESC", CONFIG: "CONFIG", FILES:
 
 # Limits (a peer that exceeds one is a protocol violation).
 MAX_BODY = 8 << 20  #: bytes in a JSON body (a FILES page of long names fits easily)
-MAX_PAYLOAD = BLOCK_SIZE + (64 << 10)  #: a block plus compression overhead
+MAX_PAYLOAD = MAX_BLOCK + (64 << 10)  #: the largest block plus compression overhead
 MAX_FILES = 10_000_000  #: entries in one manifest
 MAX_FILES_PAGE = 2000  #: entries in one FILES response
 MAX_FILE_SIZE = 1 << 48

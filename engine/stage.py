@@ -210,15 +210,27 @@ class Pipeline:
     def close(self, abort: bool = False) -> dict[int, Any]:
         """End every worker: stop (unless aborting), join, terminate, kill. Idempotent."""
         if not abort:
+            deadline = time.monotonic() + self.stop_timeout
+            crash: CloneError | None = None
+            # A worker still starting has not connected to its inbox yet, and a stop
+            # sent now would be dropped: wait for its "ready" first (work may have been
+            # submitted before the pool was ready, see is_ready).
+            try:
+                while time.monotonic() < deadline and any(
+                        i not in self._ready and p.exitcode is None
+                        for i, p in enumerate(self.procs)):
+                    for _ in self.events(timeout=0.05):
+                        pass
+            except CloneError as exc:
+                crash = exc
             for i, sock in enumerate(self._inboxes):
                 if i not in self._finals and self.procs[i].exitcode is None:
                     try:
                         sock.send(orjson.dumps(["stop"]), zmq.NOBLOCK)
                     except zmq.ZMQError:
                         pass
-            deadline = time.monotonic() + self.stop_timeout
-            crash: CloneError | None = None
-            while len(self._finals) < self._alive_count() and time.monotonic() < deadline:
+            while crash is None and len(self._finals) < self._alive_count() and \
+                    time.monotonic() < deadline:
                 try:
                     for _ in self.events(timeout=0.2):
                         pass
@@ -302,6 +314,11 @@ class Pipeline:
                 self._finals[index] = payload
             elif kind == "crash":
                 raise self._crash_error(index, payload)
+
+    def is_ready(self, index: int) -> bool:
+        """Worker ``index`` has imported its handler (its "ready" came through
+        :meth:`events`). Work submitted before that waits in the worker's inbox."""
+        return index in self._ready
 
     def wait_ready(self, timeout: float) -> None:
         """Block until every worker has imported its handler (bounded by ``timeout``)."""

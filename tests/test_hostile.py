@@ -25,7 +25,8 @@ class FakeDonor(threading.Thread):
     """Speaks just enough of the protocol to deliver ``entries`` and ``blocks``."""
 
     def __init__(self, entries: list[dict[str, Any]], blocks: list[tuple[dict[str, Any], bytes]],
-                 announce_files: int | None = None, extra_blocks: int = 0) -> None:
+                 announce_files: int | None = None, extra_blocks: int = 0,
+                 block_size: int = 1 << 20) -> None:
         super().__init__(daemon=True)
         self.port = free_port()
         self.entries = entries
@@ -34,6 +35,7 @@ class FakeDonor(threading.Thread):
         self.stop = threading.Event()
         self.ready = threading.Event()
         self.extra_blocks = extra_blocks
+        self.block_size = block_size
 
     def run(self) -> None:
         ctx = zmq.Context()
@@ -50,7 +52,8 @@ class FakeDonor(threading.Thread):
                 msg = P.decode(frames, P.CMD)
                 if msg.kind == P.INIT:
                     body = {"version": 1, "clone_id": 1, "files": self.announce_files,
-                            "blocks": len(self.blocks), "bytes": 0}
+                            "blocks": len(self.blocks), "bytes": 0,
+                            "block_size": self.block_size}
                     sock.send_multipart([ident, *P.response(P.CONFIG, body)])
                 elif msg.kind == P.EXECUTE and msg.body["what"] == "files":
                     body = {"page": msg.body["page"], "entries": self.entries, "last": True}
@@ -97,6 +100,10 @@ CASES = {
     "block number out of range": (GOOD, [_block(5, [[0, 0, 4]], b"abcd")]),
     "block sent twice": ([_file(0, "ok", 8)],
                          [_block(0, [[0, 0, 4]], b"abcd"), _block(0, [[0, 4, 4]], b"efgh")]),
+    "blocks larger than asked for": (GOOD, [], {"block_size": 64 << 20}),
+    "a block larger than agreed": ([_file(0, "ok", 200 << 10)],
+                                   [_block(0, [[0, 0, 200 << 10]], bytes(200 << 10))],
+                                   {"block_size": 128 << 10}),
     "more blocks than credit": ([_file(0, "ok", 4)], [_block(0, [[0, 0, 4]], b"abcd")],
                                 {"extra_blocks": 40}),
 }

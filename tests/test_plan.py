@@ -12,8 +12,8 @@ def _tree(root: Path) -> None:
     (root / "big").mkdir(parents=True)
     (root / "big" / "a.ibd").write_bytes(b"a" * (3 * BLOCK_SIZE + 5))
     (root / "small").mkdir()
-    for i in range(300):
-        (root / "small" / f"f{i:03}").write_bytes(b"s" * (20 << 10))
+    for i in range(BLOCK_SIZE * 3 // (20 << 10)):  # about three blocks' worth
+        (root / "small" / f"f{i:04}").write_bytes(b"s" * (20 << 10))
     (root / "empty").write_bytes(b"")
 
 
@@ -40,7 +40,7 @@ def test_small_file_batches_are_spread_among_big_blocks(tmp_path: Path) -> None:
     _tree(tmp_path)
     blocks = plan(scan(str(tmp_path)))
     kinds = ["batch" if "/small/" in b[0][1] else "big" for b in blocks]
-    assert kinds.count("batch") >= 5 and kinds.count("big") == 4
+    assert kinds.count("batch") >= 3 and kinds.count("big") == 4
     # not all batches at the end: a big block comes after the first batch
     first_batch = kinds.index("batch")
     assert "big" in kinds[first_batch:]

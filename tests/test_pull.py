@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -209,6 +210,34 @@ def test_compression_counts_data_and_network_apart(tmp_path: Path, codec: str) -
     row = json.loads(res.stdout.splitlines()[-1])["clone_progress"][1]
     assert row["data"] == (3 << 20) + 34 * 200000
     assert row["network"] < (3 << 20) + 34 * 200000 // 5  # the text shrank, the random not
+
+
+def test_the_donor_cuts_the_block_size_the_recipient_asks_for(tree: Path) -> None:
+    import zmq
+
+    from engine import protocol as P
+    with Donor(tree) as donor:
+        ctx = zmq.Context()
+        try:
+            for asked, answer in ((256 << 10, P.CONFIG), (None, P.CONFIG), (3 << 20, P.ERROR),
+                                  (8 << 20, P.ERROR)):
+                sock = ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(f"tcp://{donor.address}")
+                body: dict[str, Any] = {"version": 1, "user": "u"}
+                if asked is not None:
+                    body["block_size"] = asked
+                sock.send_multipart(P.command(P.INIT, body))
+                assert sock.poll(10000)
+                msg = P.decode(sock.recv_multipart(), P.RESP)
+                assert msg.kind == answer, (asked, msg.body)
+                if answer == P.CONFIG:  # absent: 1 MiB, as before it was negotiated
+                    assert msg.body["block_size"] == (asked or 1 << 20)
+                    sock.send_multipart(P.command(P.EXIT, {"clone_id": msg.body["clone_id"],
+                                                           "ok": False}))
+                sock.close()
+        finally:
+            ctx.term()
 
 
 def test_bandwidth_limit_is_applied(tmp_path: Path) -> None:
