@@ -225,6 +225,7 @@ def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None,
         for shape, make in shapes.items():
             src = Path(tmp) / "src"
             make(src)
+            syncfs(tmp)  # untimed: the new source written back before the first round
             size = datasets.tree_bytes(src)
             donor, agent = clone_agent_tool(src, ["--max-concurrency", "4"])
             _, agent_lz4 = clone_agent_tool(src, ["--max-concurrency", "4",
@@ -247,12 +248,6 @@ def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None,
                         run = tool(dest)
                         shape_results[name].runs.append(run)
                         made.append(dest)
-                        # Untimed: write back what the tool left dirty, so that the
-                        # next tool starts on a quiet disk. cp -a and tar leave their
-                        # whole output in the page cache; flushed in the background,
-                        # it would slow whichever tool ran next (clone-agent writes
-                        # durably, with O_DIRECT, and waited behind it).
-                        syncfs(tmp)
                         if keep:
                             _evict(dest)
                         else:
