@@ -29,7 +29,7 @@ import zmq
 from donor.plan import SKIP_PAGED, Entry, plan, scan
 from donor.snapshot import Snapshot
 from engine import protocol as P
-from engine.codec import CODECS, MAX_BLOCK, valid_block_size
+from engine.codec import CODECS, LEGACY_BLOCK, MAX_BLOCK, valid_block_size
 from engine.errors import (
     CloneError,
     NotADataDirectory,
@@ -87,8 +87,8 @@ class Session:
         self.inflight: dict[int, tuple[int, int, Any]] = {}
         self.to_compress: deque[list[Any]] = deque()
         self.compressing: dict[int, list[Any]] = {}
-        # The recipient's block size (absent: 1 MiB, the size before it was negotiated)
-        self.block_size = body.get("block_size", 1 << 20)
+        # The recipient's block size (absent: the size before it was negotiated)
+        self.block_size = body.get("block_size", LEGACY_BLOCK)
         if not valid_block_size(self.block_size):
             raise ProtocolError(f"block size {self.block_size!r} not a power of two "
                                 "from 64 KiB to 4 MiB")

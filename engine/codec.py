@@ -16,6 +16,7 @@ import xxhash
 BLOCK_SIZE = 2 << 20  #: bytes of file data in a full block, unless negotiated smaller
 MIN_BLOCK = 64 << 10  #: the smallest block a recipient may ask for
 MAX_BLOCK = 4 << 20  #: the largest
+LEGACY_BLOCK = 1 << 20  #: what a peer that does not negotiate (no block_size) cuts
 BLOCKS_PER_CHUNK = 64  #: a chunk is the unit of reservation and restart
 MAX_SEGMENTS = 4096  #: segments in one block (small files batched)
 

@@ -32,7 +32,7 @@ from typing import Any
 import zmq
 
 from engine import protocol as P
-from engine.codec import MAX_SEGMENTS, block_size_for
+from engine.codec import LEGACY_BLOCK, MAX_SEGMENTS, block_size_for
 from engine.config import CloneConfig, check_valid_donor
 from engine.errors import (
     CloneError,
@@ -304,7 +304,7 @@ class Pull:
             # A donor may cut smaller blocks than asked, not larger; one that does not say
             # (before the size was negotiated) cuts 1 MiB.
             self.block_size = P.want(cfg.body, "block_size", int, 1, self.block_size) \
-                if "block_size" in cfg.body else min(self.block_size, 1 << 20)
+                if "block_size" in cfg.body else min(self.block_size, LEGACY_BLOCK)
             total_files = P.want(cfg.body, "files", int, 0, P.MAX_FILES)
             total_blocks = P.want(cfg.body, "blocks", int, 0, 1 << 40)
             self.book.end_stage("DROP DATA")
@@ -580,22 +580,19 @@ class Pull:
         # allocates an inode). Blocks of big files go to the least loaded writer.
         writer = hash(out[0][0].rpartition("/")[0]) % writers.n if len(out) > 1 \
             else writers.least_loaded()
-        self.held.append((writer, ["write", seq, slot, length, xxh, comp, raw, out]))
-        self._submit_held(writers)
+        work = ["write", seq, slot, length, xxh, comp, raw, out]
+        if self.held or not writers.is_ready(writer):
+            self.held.append((writer, work))
+            self._submit_held(writers)
+        else:
+            writers.submit(writer, work)
 
     def _submit_held(self, writers: Pipeline) -> None:
-        """Hand the received blocks to their writers, those that are ready. Credit is
-        granted before the writers have started (they boot while the first blocks
-        travel); a block for a writer still starting waits here, in its ring slot."""
+        """Hand the held blocks to their writers, those that are ready. Credit is granted
+        before the writers have started (they boot while the first blocks travel); a
+        block for a writer still starting waits here, in its ring slot."""
         if not self.held:
             return
-        if all(writers.is_ready(i) for i in range(writers.n)):
-            for writer, msg in self.held:
-                writers.submit(writer, msg)
-            self.held.clear()
-            return
-        if time.monotonic() - self.started > WRITERS_READY_TIMEOUT:
-            raise StageCrashed("writer", f"not ready within {WRITERS_READY_TIMEOUT:.0f} s")
         keep = []
         for writer, msg in self.held:
             if writers.is_ready(writer):
@@ -603,6 +600,8 @@ class Pull:
             else:
                 keep.append((writer, msg))
         self.held = keep
+        if keep and time.monotonic() - self.started > WRITERS_READY_TIMEOUT:
+            raise StageCrashed("writer", f"not ready within {WRITERS_READY_TIMEOUT:.0f} s")
 
     # -- ending -------------------------------------------------------------------------
     def _abort(self, err: CloneError) -> None:
