@@ -282,7 +282,8 @@ class Pipeline:
 
     # -- work -----------------------------------------------------------------------
     def least_loaded(self) -> int:
-        return min(range(self.n), key=self.outstanding.__getitem__)
+        """The worker with the least work outstanding, among those ready when any is."""
+        return min(self._ready or range(self.n), key=self.outstanding.__getitem__)
 
     def submit(self, index: int, msg: list[Any]) -> None:
         self.outstanding[index] += 1
@@ -319,6 +320,10 @@ class Pipeline:
         """Worker ``index`` has imported its handler (its "ready" came through
         :meth:`events`). Work submitted before that waits in the worker's inbox."""
         return index in self._ready
+
+    @property
+    def all_ready(self) -> bool:
+        return len(self._ready) == self.n
 
     def wait_ready(self, timeout: float) -> None:
         """Block until every worker has imported its handler (bounded by ``timeout``)."""

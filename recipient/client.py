@@ -57,6 +57,7 @@ from engine.throttle import MiB, RateLimit
 from engine.transport import dealer, mapped_errors, probe, tcp_url, tune_allocator
 from recipient.manifest import REDO_NAME, Manifest
 from recipient.tuner import Tuner
+from recipient.writer import Writer
 
 log = logging.getLogger("clone_agent.recipient")
 
@@ -67,6 +68,9 @@ PROTOCOL_VERSION = P.PROTOCOL_VERSION
 #: each, interleaved: 1.00x).
 START_STREAMS = 1
 WRITERS_READY_TIMEOUT = 60.0  #: seconds for the writer processes to start
+#: FILES pages asked for ahead of the one being checked: the round trips overlap with
+#: the checks and the directories made, and at most this many pages wait in memory.
+MANIFEST_WINDOW = 4
 FLUSH_EVERY = 0.5  #: seconds between write-backs of the page cache during FILE COPY
 
 
@@ -165,8 +169,11 @@ class Pull:
         self.autotune = False
         self.tuner = Tuner(1)
         self.recovery: dict[str, Any] | None = None
-        self.held: list[tuple[int, list[Any]]] = []  #: blocks for writers still starting
+        #: writes the blocks of a writer still starting (see _place); its answers
+        self.local: Writer | None = None
+        self.local_done: list[list[int]] = []
         self.block_size = 0  #: asked for in INIT, as the donor's CONFIG confirms it
+        self.paged = False  #: a page store's clone: PAGE COPY and REDO COPY follow
 
     # -- wire helpers -----------------------------------------------------------------
     def _send(self, i: int, kind: int, body: dict[str, Any]) -> None:
@@ -277,11 +284,10 @@ class Pull:
                              ("net_limit", o.config.max_network_bandwidth)):
                 if mib:
                     limits[key] = stack.enter_context(RateLimit.create(mib)).name
+            writer_args = {"ring": ring.name, "capacity": ring.capacity,
+                           "slot_size": ring.slot_size, "root": dest, **limits}
             writers = stack.enter_context(Pipeline(
-                "writer", "recipient.writer:Writer", o.writers,
-                {"ring": ring.name, "capacity": ring.capacity, "slot_size": ring.slot_size,
-                 "root": dest, **limits},
-                self.ctx))
+                "writer", "recipient.writer:Writer", o.writers, writer_args, self.ctx))
             self.streams.append(dealer(self.ctx, url))
             self._send(0, P.INIT, {"version": PROTOCOL_VERSION, "user": o.user,
                                    "password": o.password or "", "agent": "clone-agent",
@@ -291,6 +297,10 @@ class Pull:
                                    "block_size": self.block_size,
                                    "compression": o.config.compression_algorithm
                                    if o.config.enable_compression else "none"})
+            # The coordinator writes what arrives for a writer still starting (about a
+            # tenth of a second of imports): the first blocks need not wait for it.
+            self.local = Writer(-1, writer_args)
+            stack.callback(self.local.close)
             try:
                 cfg = self._wait(0, o.connect_timeout, "INIT")
             except NetworkError as exc:
@@ -307,6 +317,8 @@ class Pull:
                 if "block_size" in cfg.body else min(self.block_size, LEGACY_BLOCK)
             total_files = P.want(cfg.body, "files", int, 0, P.MAX_FILES)
             total_blocks = P.want(cfg.body, "blocks", int, 0, 1 << 40)
+            per_page = P.want(cfg.body, "files_page", int, 1, P.MAX_FILES_PAGE) \
+                if "files_page" in cfg.body else 0
             self.book.end_stage("DROP DATA")
             self._emit_stage("DROP DATA")
 
@@ -314,25 +326,17 @@ class Pull:
                                        threads=1)
             self._emit_stage("FILE COPY")
             self.manifest = Manifest(dest, total_files)
-            page = 0
-            while True:
-                self._send(0, P.EXECUTE, {"clone_id": self.clone_id, "what": "files",
-                                          "page": page})
-                msg = self._wait(0, o.idle_timeout, "EXECUTE files")
-                if msg.kind != P.FILES or msg.body.get("page") != page:
-                    raise ProtocolError(f"{msg.name} instead of FILES page {page}")
-                if self.manifest.add_page(msg.body):
-                    break
-                page += 1
-            if len(self.manifest.items) != total_files:
-                raise ProtocolError("manifest shorter than announced")
-            st.estimate = self.manifest.total_bytes
             # Autotuning starts with START_STREAMS and adds more while they pay (tuner.py).
             self.autotune = o.config.autotune_concurrency and n_streams > START_STREAMS
             self.tuner = Tuner(n_streams, self._limit_bytes())
             self._attach_streams(min(START_STREAMS, n_streams) if self.autotune
                                  else n_streams)
-            self._grant_credit(slots)
+            pages = max(1, -(-total_files // per_page)) if per_page else 0
+            self._read_manifest(pages, slots)
+            if len(self.manifest.items) != total_files:
+                raise ProtocolError("manifest shorter than announced")
+            st.estimate = self.manifest.total_bytes
+            self.paged = bool(cfg.body.get("paged"))
             with EarlyFlush(dest, FLUSH_EVERY):
                 self._transfer(ring, writers, total_blocks, "FILE COPY")
             self._end_copy_stage("FILE COPY")
@@ -367,6 +371,36 @@ class Pull:
                                             "archive_bytes", "blocked_s") if key in point}
         self._emit_status()
         return summary
+
+    def _read_manifest(self, pages: int, slots: int) -> None:
+        """FILES pages, MANIFEST_WINDOW of them asked for ahead; data credit as soon as the
+        last page is asked for. The donor answers a stream's commands in order, so every
+        FILES page comes before the first block on stream 0, and the donor's first reads
+        and sends overlap with the checks here. ``pages`` 0: a donor that does not say
+        its page size; one page at a time, credit after the last."""
+        assert self.manifest is not None
+        asked = 0
+        credited = False
+        page = 0
+        while True:
+            while asked <= page or (asked < pages and asked - page < MANIFEST_WINDOW):
+                self._send(0, P.EXECUTE, {"clone_id": self.clone_id, "what": "files",
+                                          "page": asked})
+                asked += 1
+            if not credited and asked == pages:
+                self._grant_credit(slots)
+                credited = True
+            msg = self._wait(0, self.o.idle_timeout, "EXECUTE files")
+            if msg.kind != P.FILES or msg.body.get("page") != page:
+                raise ProtocolError(f"{msg.name} instead of FILES page {page}")
+            last = self.manifest.add_page(msg.body)
+            if last != (page == pages - 1) and pages:
+                raise ProtocolError(f"FILES page {page} of {pages} says last={last}")
+            if last:
+                break
+            page += 1
+        if not credited:
+            self._grant_credit(slots)
 
     def _next_state(self, name: str) -> dict[str, Any]:
         """Ask the donor for the next snapshot state; its STATE answer."""
@@ -517,13 +551,12 @@ class Pull:
                         complete = True
                     elif msg.kind != P.KEEPALIVE:
                         raise ProtocolError(f"unexpected {msg.name} during {stage}")
-            for _, _, (seq, slot) in writers.events():
+            for seq, slot in self._written(writers):
                 ring.release(slot)
                 self.blocks_done += 1
                 stream_index, span = origin.pop(seq)
                 self.data_bytes += span  # data counts what is written, as it is written
                 acks.setdefault(stream_index, []).append(seq)
-            self._submit_held(writers)
             if acks:
                 self._rebalance(acks)
                 last_ping = now
@@ -565,7 +598,13 @@ class Pull:
             item = self.manifest.file(fid)
             if off < 0 or size <= 0 or off + size > item.size:
                 raise ProtocolError(f"block {seq} writes outside {item.rel!r}")
-            out.append([item.rel, off, size])
+            if off == 0 and size == item.size and not self.paged:
+                # The whole file in one segment: its writer finishes it (mode, times).
+                # Not in a page store's clone: PAGE COPY may write its pages again.
+                out.append([item.rel, off, size, item.mode, item.mtime_ns])
+                item.done = True
+            else:
+                out.append([item.rel, off, size])
             total += size
         if total != raw:
             raise ProtocolError(f"block {seq}: segments do not add up to its length")
@@ -581,27 +620,24 @@ class Pull:
         writer = hash(out[0][0].rpartition("/")[0]) % writers.n if len(out) > 1 \
             else writers.least_loaded()
         work = ["write", seq, slot, length, xxh, comp, raw, out]
-        if self.held or not writers.is_ready(writer):
-            self.held.append((writer, work))
-            self._submit_held(writers)
-        else:
+        if writers.is_ready(writer):
             writers.submit(writer, work)
+        else:
+            assert self.local is not None
+            self.local_done.append(self.local.handle(work))
 
-    def _submit_held(self, writers: Pipeline) -> None:
-        """Hand the held blocks to their writers, those that are ready. Credit is granted
-        before the writers have started (they boot while the first blocks travel); a
-        block for a writer still starting waits here, in its ring slot."""
-        if not self.held:
-            return
-        keep = []
-        for writer, msg in self.held:
-            if writers.is_ready(writer):
-                writers.submit(writer, msg)
-            else:
-                keep.append((writer, msg))
-        self.held = keep
-        if keep and time.monotonic() - self.started > WRITERS_READY_TIMEOUT:
+    def _written(self, writers: Pipeline) -> list[list[int]]:
+        """``[seq, slot]`` of every block written since the last call: by the writers,
+        and by the coordinator itself for a writer still starting. Credit is granted
+        before the writers are up (they boot while the handshake and the manifest
+        travel), and the first blocks would otherwise wait for them in the ring."""
+        done = [payload for _, _, payload in writers.events()]
+        if self.local_done:
+            done += self.local_done
+            self.local_done = []
+        if not writers.all_ready and time.monotonic() - self.started > WRITERS_READY_TIMEOUT:
             raise StageCrashed("writer", f"not ready within {WRITERS_READY_TIMEOUT:.0f} s")
+        return done
 
     # -- ending -------------------------------------------------------------------------
     def _abort(self, err: CloneError) -> None:

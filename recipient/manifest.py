@@ -35,6 +35,7 @@ class Item:
     mtime_ns: int
     target: str = ""
     internal: bool = False
+    done: bool = False  #: a writer set its mode and times (it came whole in one block)
 
 
 class Manifest:
@@ -137,6 +138,8 @@ class Manifest:
         root = self._root_fd()
         dirs = []
         for item in self.items.values():
+            if item.done:
+                continue
             if item.kind == "f":
                 fd = os.open(item.rel, OPEN_FLAGS, 0o600, dir_fd=root)
                 try:

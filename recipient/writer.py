@@ -3,7 +3,10 @@
 Runs in a worker process of the recipient's writer :class:`~engine.stage.Pipeline`.
 A descriptor ``["write", seq, slot, length, checksum, comp, raw, segments]`` comes
 in, each segment ``[relative path, offset, length]`` (already checked by the
-coordinator). The checksum is verified first: a mismatch raises ChecksumMismatch and
+coordinator), or ``[relative path, 0, length, mode, mtime_ns]`` for a whole file: a
+small file of a batch is then finished here, its permission bits and times set and its
+descriptor closed, in parallel with the rest of the copy rather than one by one at
+FILE SYNC. The checksum is verified first: a mismatch raises ChecksumMismatch and
 nothing of the block is written or acknowledged. Files are opened relative to the
 destination's directory descriptor with O_NOFOLLOW (the destination holds no links
 while data flows: they are made at FILE SYNC), and holes are never written, so a
@@ -97,6 +100,19 @@ class Writer:
         while done < size:
             done += os.pwrite(fd, part[done:], offset + done)
 
+    def _complete(self, rel: str, mode: int, mtime_ns: int) -> None:
+        """A whole file came in this block: its permission bits and times now, its
+        descriptors closed (FILE SYNC leaves it alone; its data is flushed there)."""
+        fd = self.fds.pop(rel)
+        try:
+            os.fchmod(fd, mode)
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+        finally:
+            os.close(fd)
+        direct = self.direct_fds.pop(rel, None)
+        if direct is not None:
+            os.close(direct)
+
     def handle(self, msg: list[Any]) -> Any:
         _, seq, slot, length, xxh, comp, raw, segments = msg
         if self.limits:
@@ -120,9 +136,12 @@ class Writer:
             else:
                 data = memoryview(out)
         cursor = 0
-        for rel, offset, size in segments:
+        for seg in segments:
+            rel, offset, size = seg[:3]
             self._write(rel, data[cursor : cursor + size], offset, cursor % ALIGN == 0)
             cursor += size
+            if len(seg) == 5:
+                self._complete(rel, seg[3], seg[4])
         self.bytes += cursor
         return [seq, slot]
 

@@ -26,7 +26,7 @@ class FakeDonor(threading.Thread):
 
     def __init__(self, entries: list[dict[str, Any]], blocks: list[tuple[dict[str, Any], bytes]],
                  announce_files: int | None = None, extra_blocks: int = 0,
-                 block_size: int = 1 << 20) -> None:
+                 block_size: int = 1 << 20, files_page: int = 0) -> None:
         super().__init__(daemon=True)
         self.port = free_port()
         self.entries = entries
@@ -36,6 +36,7 @@ class FakeDonor(threading.Thread):
         self.ready = threading.Event()
         self.extra_blocks = extra_blocks
         self.block_size = block_size
+        self.files_page = files_page  # 0: not announced, every page holds every entry
 
     def run(self) -> None:
         ctx = zmq.Context()
@@ -54,9 +55,14 @@ class FakeDonor(threading.Thread):
                     body = {"version": 1, "clone_id": 1, "files": self.announce_files,
                             "blocks": len(self.blocks), "bytes": 0,
                             "block_size": self.block_size}
+                    if self.files_page:
+                        body["files_page"] = self.files_page
                     sock.send_multipart([ident, *P.response(P.CONFIG, body)])
                 elif msg.kind == P.EXECUTE and msg.body["what"] == "files":
-                    body = {"page": msg.body["page"], "entries": self.entries, "last": True}
+                    page, size = msg.body["page"], self.files_page or len(self.entries)
+                    # paged: a page of entries, but "last" on every page
+                    body = {"page": page, "entries": self.entries[page * size:][:size],
+                            "last": True}
                     sock.send_multipart([ident, *P.response(P.FILES, body)])
                 elif msg.kind == P.ATTACH:
                     sock.send_multipart([ident, *P.response(P.LOCS, {"clone_id": 1})])
@@ -104,6 +110,8 @@ CASES = {
     "a block larger than agreed": ([_file(0, "ok", 200 << 10)],
                                    [_block(0, [[0, 0, 200 << 10]], bytes(200 << 10))],
                                    {"block_size": 128 << 10}),
+    "last page too early": ([_file(0, "a", 1), _file(1, "b", 1), _file(2, "c", 1)], [],
+                            {"files_page": 2}),
     "more blocks than credit": ([_file(0, "ok", 4)], [_block(0, [[0, 0, 4]], b"abcd")],
                                 {"extra_blocks": 40}),
 }

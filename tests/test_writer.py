@@ -45,6 +45,26 @@ def test_aligned_part_goes_direct_and_tail_buffered(tmp_path: Path) -> None:
     assert result["bytes"] == len(payload)
 
 
+def test_a_whole_file_is_finished_by_its_writer(tmp_path: Path) -> None:
+    """A file that came whole in one segment gets its mode and times from the writer,
+    and its descriptors are closed; a part of a file is left to FILE SYNC."""
+    whole, part = os.urandom(10_000), os.urandom(5000)
+    payload = whole + part
+    mtime = 1_600_000_000_123_456_789
+    with Ring(1, BLOCK_SIZE) as ring:
+        w = _writer(ring, tmp_path)
+        xxh = _block(ring, 0, payload)
+        w.handle(["write", 0, 0, len(payload), xxh, 0, len(payload),
+                  [["whole", 0, len(whole), 0o640, mtime], ["part", 0, len(part)]]])
+        assert "whole" not in w.fds and "whole" not in w.direct_fds
+        assert "part" in w.fds
+        w.close()
+    st = os.stat(tmp_path / "whole")
+    assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o640, mtime)
+    assert (tmp_path / "whole").read_bytes() == whole
+    assert os.stat(tmp_path / "part").st_mtime_ns != mtime
+
+
 def test_compressed_block_is_written_from_aligned_scratch(tmp_path: Path) -> None:
     raw = b"clone-agent " * (BLOCK_SIZE // 12)
     comp = Compressor(COMP_LZ4).compress(raw)
