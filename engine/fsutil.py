@@ -60,6 +60,10 @@ def libc() -> Any:
     return _LIBC
 
 
+#: How a clone's files are opened for writing: never through a link.
+OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def syncfs(path: str) -> None:
     """Flush the whole file system holding ``path`` (one call instead of one fsync a file)."""
     import ctypes

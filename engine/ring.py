@@ -24,14 +24,13 @@ from __future__ import annotations
 import mmap
 import os
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 SHM_DIR = "/dev/shm"
 PREFIX = "clone-agent-"
 
 
-@dataclass
-class RingStats:
+class RingStats(NamedTuple):  # not a dataclass: workers import this, and cheaply
     capacity: int
     slot_size: int
     in_use: int

@@ -6,7 +6,7 @@ STYLE.md 9) and joins every one on exit (STYLE.md 7).
 
 The descriptor channel: the coordinator binds one PUSH socket per worker (its inbox)
 and one PULL socket that every worker pushes to (the outbox), on abstract-namespace
-IPC endpoints (``ipc://@...``: no file to clean up). Descriptors are small orjson
+IPC endpoints (``ipc://@...``: no file to clean up). Descriptors are small marshal'd
 lists; bulk bytes stay in the :class:`~engine.ring.Ring`.
 
 A worker runs ``handler.handle(msg)`` for each descriptor and pushes back
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import marshal
 import multiprocessing
 import os
 import signal
@@ -34,7 +35,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-import orjson
 import zmq
 
 from engine.errors import CloneError, StageCrashed, by_number, outcome_of
@@ -42,6 +42,13 @@ from engine.errors import CloneError, StageCrashed, by_number, outcome_of
 log = logging.getLogger("clone_agent.stage")
 
 _SPAWN = multiprocessing.get_context("spawn")
+
+# Descriptors are marshal'd, not JSON: a file name that is not UTF-8 is a str with
+# surrogate escapes here (os.fsdecode), which JSON cannot carry; marshal carries any
+# str, int, list and dict, and a worker need not import a JSON library to start. The
+# channel links processes of one coordinator, as multiprocessing's own pickled pipes.
+_pack = marshal.dumps
+_unpack = marshal.loads
 
 
 class Handler(Protocol):
@@ -108,24 +115,24 @@ def _child_main(
         module, _, name = target.partition(":")
         handler = getattr(importlib.import_module(module), name)(index, args)
         calm_gc()
-        push.send(orjson.dumps(["ready", index, None]))
+        push.send(_pack(["ready", index, None]))
         while True:
             if not pull.poll(1000):
                 if os.getppid() != parent:  # the coordinator is gone: nobody to serve
                     return
                 continue
-            msg = orjson.loads(pull.recv())
+            msg = _unpack(pull.recv())
             if msg[0] == "stop":
                 final = handler.close()
                 handler = None
-                push.send(orjson.dumps(["final", index, final]))
+                push.send(_pack(["final", index, final]))
                 return
             reply = handler.handle(msg)
             if reply is not None:
-                push.send(orjson.dumps(["done", index, reply]))
+                push.send(_pack(["done", index, reply]))
     except BaseException as exc:  # noqa: BLE001 - every failure becomes an outcome
         try:
-            push.send(orjson.dumps(["crash", index, outcome_of(exc)]))
+            push.send(_pack(["crash", index, outcome_of(exc)]))
         except zmq.ZMQError:
             pass
     finally:
@@ -226,7 +233,7 @@ class Pipeline:
             for i, sock in enumerate(self._inboxes):
                 if i not in self._finals and self.procs[i].exitcode is None:
                     try:
-                        sock.send(orjson.dumps(["stop"]), zmq.NOBLOCK)
+                        sock.send(_pack(["stop"]), zmq.NOBLOCK)
                     except zmq.ZMQError:
                         pass
             while crash is None and len(self._finals) < self._alive_count() and \
@@ -287,11 +294,11 @@ class Pipeline:
 
     def submit(self, index: int, msg: list[Any]) -> None:
         self.outstanding[index] += 1
-        self._inboxes[index].send(orjson.dumps(msg))
+        self._inboxes[index].send(_pack(msg))
 
     def broadcast(self, msg: list[Any]) -> None:
         for sock in self._inboxes:
-            sock.send(orjson.dumps(msg))
+            sock.send(_pack(msg))
 
     def events(self, timeout: float = 0.0) -> Iterator[list[Any]]:
         """Yield ``[kind, index, payload]`` for each "done"; raise a worker's crash.
@@ -305,7 +312,7 @@ class Pipeline:
                 self.check_alive()
                 return
             wait_ms = 0
-            kind, index, payload = orjson.loads(self.outbox.recv())
+            kind, index, payload = _unpack(self.outbox.recv())
             if kind == "done":
                 self.outstanding[index] -= 1
                 yield [kind, index, payload]
@@ -341,7 +348,7 @@ class Pipeline:
                 # Give a crash report already on the wire a chance to be read first.
                 assert self.outbox is not None
                 while self.outbox.poll(0):
-                    kind, index, payload = orjson.loads(self.outbox.recv())
+                    kind, index, payload = _unpack(self.outbox.recv())
                     if kind == "crash":
                         raise self._crash_error(index, payload)
                     if kind == "final":

@@ -18,9 +18,8 @@ from typing import Any
 
 from engine import protocol as P
 from engine.errors import ProtocolError, UnsafeName
-from engine.fsutil import check_relpath, fsync_dir, syncfs
+from engine.fsutil import OPEN_FLAGS, check_relpath, fsync_dir, syncfs
 
-OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Where REDO COPY's archived redo lands until RECOVERY replays it (our name, never the
 #: donor's: names under #clone/ from the network are refused).
 REDO_NAME = "#clone/#redo_archive"

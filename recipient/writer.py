@@ -34,8 +34,8 @@ from typing import Any
 from engine.codec import Decompressor, checksum
 from engine.errors import ChecksumMismatch
 from engine.ring import RingView
+from engine.fsutil import OPEN_FLAGS
 from engine.throttle import RateLimit
-from recipient.manifest import OPEN_FLAGS
 
 FD_CACHE = 64
 ALIGN = 4096  #: O_DIRECT alignment of memory, file offset and length (one page)

@@ -88,6 +88,10 @@ def make_tree(root: Path, big: int = 3 << 20) -> None:
     (root / "exactly_1MiB").write_bytes(os.urandom(1 << 20))
     (root / "with space" / "ñämé €.txt").write_text("non-ascii\n")
     (root / "日本語").write_bytes(b"\x00\x01" * 5000)
+    # names that are not UTF-8 (Latin-1 bytes): they travel as "pb", and as str with
+    # surrogate escapes between the processes of each side
+    (root / os.fsdecode(b"caf\xe9")).mkdir()
+    (root / os.fsdecode(b"caf\xe9") / os.fsdecode(b"\xff.ibd")).write_bytes(os.urandom(3000))
     for i in range(400):
         (root / "sub" / f"small{i:03}").write_bytes(os.urandom(i * 13))
     (root / "sub" / "deep" / "zero").write_bytes(b"")
