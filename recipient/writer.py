@@ -33,8 +33,8 @@ from typing import Any
 
 from engine.codec import Decompressor, checksum
 from engine.errors import ChecksumMismatch
-from engine.ring import RingView
 from engine.fsutil import OPEN_FLAGS
+from engine.ring import RingView
 from engine.throttle import RateLimit
 
 FD_CACHE = 64
