@@ -169,9 +169,9 @@ class Pull:
         self.autotune = False
         self.tuner = Tuner(1)
         self.recovery: dict[str, Any] | None = None
-        #: writes the blocks of a writer still starting (see _place); its answers
+        #: writes, in this process, the blocks of a writer still starting (_on_block)
         self.local: Writer | None = None
-        self.local_done: list[list[int]] = []
+        self.local_done: list[list[int]] = []  #: its answers, [seq, slot], for _written
         self.block_size = 0  #: asked for in INIT, as the donor's CONFIG confirms it
         self.paged = False  #: a page store's clone: PAGE COPY and REDO COPY follow
 
@@ -319,6 +319,7 @@ class Pull:
             total_blocks = P.want(cfg.body, "blocks", int, 0, 1 << 40)
             per_page = P.want(cfg.body, "files_page", int, 1, P.MAX_FILES_PAGE) \
                 if "files_page" in cfg.body else 0
+            self.paged = bool(cfg.body.get("paged"))
             self.book.end_stage("DROP DATA")
             self._emit_stage("DROP DATA")
 
@@ -336,12 +337,11 @@ class Pull:
             if len(self.manifest.items) != total_files:
                 raise ProtocolError("manifest shorter than announced")
             st.estimate = self.manifest.total_bytes
-            self.paged = bool(cfg.body.get("paged"))
             with EarlyFlush(dest, FLUSH_EVERY):
                 self._transfer(ring, writers, total_blocks, "FILE COPY")
             self._end_copy_stage("FILE COPY")
             point: dict[str, Any] | None = None
-            if cfg.body.get("paged"):
+            if self.paged:
                 # PAGE COPY: the pages changed since FILE COPY began, read fresh.
                 self._copy_state("PAGE COPY", ring, writers)
                 # REDO COPY: the archived redo up to the consistent point.
