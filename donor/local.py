@@ -1,21 +1,22 @@
 """A donor in a child process for ``clone-local``: the same snapshot, no network.
 
-The child runs :class:`~donor.server.DonorServer` on an abstract-namespace IPC
-endpoint (no TCP, no file) and is stopped through a pipe; ``with LocalDonor(...)``
-starts it, waits (bounded) until it is ready, and stops and joins it on exit.
+The child runs :class:`~donor.server.DonorServer` on an IPC socket file in a 0700
+directory of the parent's (:class:`~engine.ipc.EndpointDir`: no TCP port, and no other
+local user can connect and pull the data directory), and is stopped through a pipe;
+``with LocalDonor(...)`` starts it, waits (bounded) until it is ready, and stops and
+joins it and removes the directory on exit.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
-import secrets
 import signal
 from multiprocessing.connection import Connection
 from typing import Any
 
 from engine.errors import StageCrashed, by_number
+from engine.ipc import EndpointDir
 
 log = logging.getLogger("clone_agent.donor")
 
@@ -37,7 +38,8 @@ def _child(datadir: str, url: str, conn: Connection) -> None:
 class LocalDonor:
     def __init__(self, datadir: str, timeout: float = 60.0) -> None:
         self.datadir = datadir
-        self.url = f"ipc://@clone-agent-local-{os.getpid()}-{secrets.token_hex(4)}"
+        self._dir = EndpointDir()
+        self.url = self._dir.endpoint("donor")
         self.timeout = timeout
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
@@ -46,7 +48,11 @@ class LocalDonor:
         self._child_conn = child_conn
 
     def __enter__(self) -> LocalDonor:
-        self._proc.start()
+        try:
+            self._proc.start()
+        except BaseException:
+            self._dir.close()
+            raise
         self._child_conn.close()
         if not self._conn.poll(self.timeout):
             self._stop()
@@ -74,3 +80,4 @@ class LocalDonor:
             self._proc.kill()
             self._proc.join(5)
         self._conn.close()
+        self._dir.close()

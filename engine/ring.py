@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import shutil
 from collections import deque
 from typing import NamedTuple
 
@@ -153,7 +154,8 @@ class Ring(RingView):
 
 
 def sweep_stale() -> list[str]:
-    """Unlink ring files whose owner process is gone (left by a kill -9)."""
+    """Unlink ring files, and remove IPC endpoint directories (:mod:`engine.ipc`), whose
+    owner process is gone (left by a kill -9)."""
     removed: list[str] = []
     try:
         names = os.listdir(SHM_DIR)
@@ -167,8 +169,12 @@ def sweep_stale() -> list[str]:
         except ValueError:
             continue
         if pid != os.getpid() and not _alive(pid):
+            path = os.path.join(SHM_DIR, name)
             try:
-                os.unlink(os.path.join(SHM_DIR, name))
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
                 removed.append(name)
             except OSError:
                 pass

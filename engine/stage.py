@@ -5,9 +5,10 @@ processes (spawn start method, so no ZeroMQ context, socket or lock crosses a fo
 STYLE.md 9) and joins every one on exit (STYLE.md 7).
 
 The descriptor channel: the coordinator binds one PUSH socket per worker (its inbox)
-and one PULL socket that every worker pushes to (the outbox), on abstract-namespace
-IPC endpoints (``ipc://@...``: no file to clean up). Descriptors are small marshal'd
-lists; bulk bytes stay in the :class:`~engine.ring.Ring`.
+and one PULL socket that every worker pushes to (the outbox), on IPC socket files in a
+0700 directory of its own (:class:`~engine.ipc.EndpointDir`, removed at close): no
+other local user can connect to take a descriptor or forge a reply. Descriptors are
+small marshal'd lists; bulk bytes stay in the :class:`~engine.ring.Ring`.
 
 A worker runs ``handler.handle(msg)`` for each descriptor and pushes back
 ``["done", index, reply]``. End-of-stream is a ``["stop"]`` descriptor: the worker
@@ -38,6 +39,7 @@ from typing import Any, Protocol
 import zmq
 
 from engine.errors import CloneError, StageCrashed, by_number, outcome_of
+from engine.ipc import EndpointDir
 
 log = logging.getLogger("clone_agent.stage")
 
@@ -77,10 +79,6 @@ def _bare_main() -> Iterator[None]:
     finally:
         if main is not None:
             main.__dict__.update(saved)
-
-
-def _endpoint(kind: str) -> str:
-    return f"ipc://@clone-agent-{os.getpid()}-{os.urandom(4).hex()}-{kind}"
 
 
 def calm_gc() -> None:
@@ -176,6 +174,7 @@ class Pipeline:
         self._ready: set[int] = set()
         self.outbox: zmq.Socket[Any] | None = None
         self.exitcodes: list[int | None] = []
+        self._dir: EndpointDir | None = None
 
     # -- lifetime -------------------------------------------------------------------
     def __enter__(self) -> Pipeline:
@@ -194,15 +193,16 @@ class Pipeline:
             self._start()
 
     def _start(self) -> None:
+        self._dir = EndpointDir()
         self.outbox = self.ctx.socket(zmq.PULL)
         self.outbox.setsockopt(zmq.LINGER, 0)
-        out_ep = _endpoint(f"{self.name}-out")
+        out_ep = self._dir.endpoint("out")
         self.outbox.bind(out_ep)
         for i in range(self.n):
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 100000)
-            ep = _endpoint(f"{self.name}-in{i}")
+            ep = self._dir.endpoint(f"in{i}")
             sock.bind(ep)
             self._inboxes.append(sock)
             proc = _SPAWN.Process(
@@ -279,6 +279,9 @@ class Pipeline:
         if self.outbox is not None:
             self.outbox.close(0)
             self.outbox = None
+        if self._dir is not None:
+            self._dir.close()
+            self._dir = None
         self.exitcodes = [proc.exitcode for proc in self.procs] or self.exitcodes
         for proc in self.procs:
             try:
@@ -365,6 +368,11 @@ class Pipeline:
             err = StageCrashed(f"{self.name}-{index}", outcome["message"])
         log.debug("worker %s-%d traceback:\n%s", self.name, index, outcome.get("traceback"))
         return err
+
+    @property
+    def ipc_dir(self) -> str | None:
+        """The 0700 directory of this pool's descriptor-channel socket files, while open."""
+        return self._dir.path if self._dir is not None else None
 
     def sentinels(self) -> list[int]:
         return [p.sentinel for p in self.procs]

@@ -2,13 +2,15 @@
 
 Every test runs with a unique ``CLONE_AGENT_TEST_TAG`` in its environment, which every
 process it starts inherits (CLI subprocesses, their spawned workers). After the test,
-any live process carrying the tag, or any new ``/dev/shm/clone-agent-*`` file, is a
-leak: the test fails (and the leftovers are removed so that the next test is clean).
+any live process carrying the tag, or any new ``/dev/shm/clone-agent-*`` file (a ring)
+or directory (IPC endpoints), is a leak: the test fails (and the leftovers are removed
+so that the next test is clean).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -56,7 +58,11 @@ def no_leaks(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[None
         left = _tagged(tag)
     leaked_shm = _shm_files() - shm_before
     for name in leaked_shm:
-        os.unlink(os.path.join(SHM, name))
+        path = os.path.join(SHM, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)  # an IPC endpoint directory (engine/ipc.py)
+        else:
+            os.unlink(path)
     names = [" ".join(p.cmdline())[:120] for p in left]
     for proc in left:
         try:

@@ -3,6 +3,7 @@ import os
 import pytest
 import zmq
 
+from engine.ipc import EndpointDir
 from engine.ring import PREFIX, SHM_DIR, Ring, RingView, sweep_stale
 from engine.stage import Pipeline
 
@@ -63,3 +64,18 @@ def test_sweep_removes_rings_of_dead_processes() -> None:
     open(stale, "wb").close()
     assert f"{PREFIX}999999999-dead" in sweep_stale()
     assert not os.path.exists(stale)
+
+
+def test_sweep_removes_ipc_directories_of_dead_processes() -> None:
+    stale = os.path.join(SHM_DIR, f"{PREFIX}999999999-gone.ipc")
+    os.mkdir(stale, 0o700)
+    open(os.path.join(stale, "in0"), "wb").close()
+    mine = EndpointDir()  # ours, alive: kept
+    try:
+        removed = sweep_stale()
+        assert f"{PREFIX}999999999-gone.ipc" in removed
+        assert not os.path.exists(stale)
+        assert os.path.isdir(mine.path)
+    finally:
+        mine.close()
+    assert not os.path.exists(mine.path)

@@ -1,4 +1,8 @@
+import os
+import socket
+import stat
 import time
+from contextlib import ExitStack
 
 import pytest
 import zmq
@@ -64,3 +68,59 @@ def test_abort_terminates_everything(ctx) -> None:
     pool.start()
     pool.close(abort=True)
     assert len(pool.exitcodes) == 2 and all(code is not None for code in pool.exitcodes)
+
+
+def test_the_descriptor_channel_is_a_private_directory(ctx) -> None:
+    with Pipeline("echo", "tests.workers:Echo", 2, {}, ctx) as pool:
+        pool.wait_ready(30)
+        path = pool.ipc_dir
+        assert path is not None
+        st = os.stat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
+        assert sorted(os.listdir(path)) == ["in0", "in1", "out"]
+        assert all(stat.S_ISSOCK(os.stat(os.path.join(path, n)).st_mode)
+                   for n in os.listdir(path))
+        pool.close()
+    assert not os.path.exists(path)
+
+
+def _connect_as(uid: int, path: str) -> int:
+    """connect(2) to ``path`` from a forked child running as ``uid``: 0 if it connected,
+    13 if refused for permission, 99 for anything else. The child touches no ZeroMQ
+    state and leaves with os._exit."""
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            if uid != os.getuid():
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            socket.socket(socket.AF_UNIX).connect(path)
+            code = 0
+        except PermissionError:
+            code = 13
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+def test_another_user_cannot_reach_a_worker(ctx) -> None:
+    with ExitStack() as stack:
+        # Under umask 0 the socket files themselves are open to all (0777): the
+        # directory alone must keep others out.
+        old = os.umask(0)
+        try:
+            pool = stack.enter_context(Pipeline("echo", "tests.workers:Echo", 1, {}, ctx))
+        finally:
+            os.umask(old)
+        pool.wait_ready(30)
+        assert pool.ipc_dir is not None
+        inbox = os.path.join(pool.ipc_dir, "in0")
+        assert stat.S_IMODE(os.stat(inbox).st_mode) == 0o777
+        # The owner can connect (so the check below can fail) ...
+        assert _connect_as(os.getuid(), inbox) == 0
+        # ... and nobody else can: they cannot enter the directory.
+        assert _connect_as(65534, inbox) == 13
