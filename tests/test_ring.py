@@ -70,12 +70,9 @@ def test_sweep_removes_ipc_directories_of_dead_processes() -> None:
     stale = os.path.join(SHM_DIR, f"{PREFIX}999999999-gone.ipc")
     os.mkdir(stale, 0o700)
     open(os.path.join(stale, "in0"), "wb").close()
-    mine = EndpointDir()  # ours, alive: kept
-    try:
+    with EndpointDir() as mine:  # ours, alive: kept
         removed = sweep_stale()
         assert f"{PREFIX}999999999-gone.ipc" in removed
         assert not os.path.exists(stale)
         assert os.path.isdir(mine.path)
-    finally:
-        mine.close()
     assert not os.path.exists(mine.path)

@@ -118,9 +118,13 @@ def test_another_user_cannot_reach_a_worker(ctx) -> None:
             os.umask(old)
         pool.wait_ready(30)
         assert pool.ipc_dir is not None
-        inbox = os.path.join(pool.ipc_dir, "in0")
-        assert stat.S_IMODE(os.stat(inbox).st_mode) == 0o777
+        # The outbox: a stray connection there can take nothing (PULL), and a forged
+        # reply is what it would carry.
+        outbox = os.path.join(pool.ipc_dir, "out")
+        assert stat.S_IMODE(os.stat(outbox).st_mode) == 0o777
         # The owner can connect (so the check below can fail) ...
-        assert _connect_as(os.getuid(), inbox) == 0
+        assert _connect_as(os.getuid(), outbox) == 0
         # ... and nobody else can: they cannot enter the directory.
-        assert _connect_as(65534, inbox) == 13
+        assert _connect_as(65534, outbox) == 13
+        pool.submit(0, ["work", 1])
+        assert [ev[2][1] for ev in _collect(pool, 1)] == [1]
