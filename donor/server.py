@@ -49,6 +49,20 @@ AGENT_VERSION = "clone-agent 0.1"
 KEEPALIVE_EVERY = 5.0  #: seconds, as MySQL's donor while it waits
 
 
+def _watch(poller: zmq.Poller, pool: Pipeline) -> None:
+    """Wake ``poller`` when a worker of ``pool`` replies (or ends)."""
+    for fd in pool.fds:
+        poller.register(fd, zmq.POLLIN)
+
+
+def _unwatch(poller: zmq.Poller, pool: Pipeline) -> None:
+    for fd in pool.fds:
+        try:
+            poller.unregister(fd)
+        except KeyError:
+            pass
+
+
 class Stream:
     def __init__(self, ident: bytes, index: int) -> None:
         self.ident = ident
@@ -245,7 +259,6 @@ class DonorServer:
             "reader", "donor.reader:Reader", self.n_readers,
             {"ring": self.ring.name, "capacity": self.ring.capacity,
              "slot_size": self.ring.slot_size, "faults": self.faults},
-            self.ctx,
         )
         try:
             self.readers.start()
@@ -289,9 +302,11 @@ class DonorServer:
         assert self.sock is not None and self.readers is not None
         self.poller = poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.readers.outbox, zmq.POLLIN)
+        _watch(poller, self.readers)
         while not should_stop():
-            ready = dict(poller.poll(100))
+            backlog = self.readers.backlog or (
+                self.compressors is not None and self.compressors.backlog)
+            ready = dict(poller.poll(0 if backlog else 100))
             if self.sock in ready:
                 for _ in range(512):
                     try:
@@ -332,23 +347,18 @@ class DonorServer:
             "compressor", "donor.compressor:CompressorWorker", self.n_readers,
             {"ring": self.ring.name, "capacity": self.ring.capacity,
              "slot_size": self.ring.slot_size, "out_ring": self.out_ring.name,
-             "out_capacity": self.out_ring.capacity, "out_slot_size": self.out_ring.slot_size},
-            self.ctx)
+             "out_capacity": self.out_ring.capacity, "out_slot_size": self.out_ring.slot_size})
         try:
             self.compressors.start()
             self.compressors.wait_ready(60)
         except BaseException:
             self._stop_compressors()
             raise
-        self.poller.register(self.compressors.outbox, zmq.POLLIN)
+        _watch(self.poller, self.compressors)
 
     def _stop_compressors(self) -> None:
         if self.compressors is not None:
-            if self.compressors.outbox is not None:
-                try:
-                    self.poller.unregister(self.compressors.outbox)
-                except KeyError:
-                    pass
+            _unwatch(self.poller, self.compressors)
             try:
                 self.compressors.close()
             except CloneError as exc:
@@ -361,10 +371,10 @@ class DonorServer:
 
     def _restart_readers(self, poller: zmq.Poller) -> None:
         assert self.readers is not None
-        poller.unregister(self.readers.outbox)
+        _unwatch(poller, self.readers)
         self.readers.close(abort=True)
         self._start_readers()
-        poller.register(self.readers.outbox, zmq.POLLIN)
+        _watch(poller, self.readers)
 
     # -- messages -------------------------------------------------------------------
     def _reply(self, ident: bytes, frames: list[Any], **kw: Any) -> Any:

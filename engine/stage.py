@@ -4,18 +4,23 @@
 processes (spawn start method, so no ZeroMQ context, socket or lock crosses a fork,
 STYLE.md 9) and joins every one on exit (STYLE.md 7).
 
-The descriptor channel: the coordinator binds one PUSH socket per worker (its inbox)
-and one PULL socket that every worker pushes to (the outbox), on IPC socket files in a
-0700 directory of its own (:class:`~engine.ipc.EndpointDir`, removed at close): no
-other local user can connect to take a descriptor or forge a reply. Descriptors are
-small marshal'd lists; bulk bytes stay in the :class:`~engine.ring.Ring`.
+The descriptor channel: one Unix stream socket pair per worker, made before the worker
+starts and handed to it at spawn (multiprocessing passes the descriptor, as it does for
+its own pipes). It has no name, in the file system or in the abstract namespace, so no
+other process can connect to it to take a descriptor or forge a reply. Messages are
+small marshal'd lists, each after its length (:class:`Channel`); bulk bytes stay in the
+:class:`~engine.ring.Ring`. A descriptor wakes the worker itself, and a reply the
+coordinator: one wake-up each way, where a ZeroMQ ``ipc://`` channel woke the sender's
+I/O thread, the receiver's I/O thread and then the receiver, and the workers need not
+import ZeroMQ or run its threads (a tenth of a second of each one's start here).
 
-A worker runs ``handler.handle(msg)`` for each descriptor and pushes back
+A worker runs ``handler.handle(msg)`` for each descriptor and sends back
 ``["done", index, reply]``. End-of-stream is a ``["stop"]`` descriptor: the worker
-calls ``handler.close()``, pushes ``["final", index, stats]`` and exits. An exception
+calls ``handler.close()``, sends ``["final", index, stats]`` and exits. An exception
 travels back as ``["crash", index, outcome]`` (type, number, message, traceback) and
 is re-raised in the coordinator as the error it was (STYLE.md 6). A worker that dies
-without a word (kill -9) is seen through its process sentinel.
+without a word (kill -9) closes its end: the coordinator reads the end of the channel
+and reaps it, or sees it through its process sentinel.
 
 Shutdown escalates stop -> join(timeout) -> terminate -> kill, with a warning.
 Workers ignore SIGINT: the command-line process alone decides (STYLE.md 8), and a
@@ -29,17 +34,18 @@ import logging
 import marshal
 import multiprocessing
 import os
+import select
 import signal
+import socket
+import struct
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-import zmq
-
 from engine.errors import CloneError, StageCrashed, by_number, outcome_of
-from engine.ipc import EndpointDir
 
 log = logging.getLogger("clone_agent.stage")
 
@@ -51,12 +57,98 @@ _SPAWN = multiprocessing.get_context("spawn")
 # channel links processes of one coordinator, as multiprocessing's own pickled pipes.
 _pack = marshal.dumps
 _unpack = marshal.loads
+_LENGTH = struct.Struct("<I")
+_READ = 1 << 18  #: bytes asked of the kernel per read: many descriptors at once
+#: how often a worker that has nothing to do checks that its coordinator still exists
+_IDLE_CHECK = struct.pack("@ll", 1, 0)  # a struct timeval of one second
 
 
 class Handler(Protocol):
     def handle(self, msg: list[Any]) -> Any: ...
 
     def close(self) -> Any: ...
+
+
+class Channel:
+    """One end of a descriptor channel: marshal'd messages, each after its 4-byte length,
+    on a Unix stream socket. The socket stays blocking; the coordinator's reads and
+    sends pass MSG_DONTWAIT, and a worker's read waits in the kernel (SO_RCVTIMEO)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.eof = False
+        self._buf = bytearray()
+        self._poll = select.poll()
+        self._poll.register(self.fd, select.POLLIN | select.POLLOUT)
+
+    @property
+    def backlog(self) -> bool:
+        """Bytes already read and not yet parsed (a poll of the socket would not show them)."""
+        return bool(self._buf)
+
+    def send(self, msg: list[Any], timeout: float) -> None:
+        """Send one message; wait at most ``timeout`` s for room (TimeoutError). While it
+        waits it reads what the peer sends, so that neither side waits on the other."""
+        out = memoryview(_frame(msg))
+        try:
+            sent = self.sock.send(out, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(out):
+            return
+        out = out[sent:]
+        deadline = time.monotonic() + timeout
+        while out:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no room to send for {timeout:g} s")
+            for _, ev in self._poll.poll(left * 1000):
+                if ev & select.POLLIN:
+                    self.fill()
+                if ev & (select.POLLOUT | select.POLLERR | select.POLLHUP):
+                    try:
+                        out = out[self.sock.send(out, socket.MSG_DONTWAIT):]
+                    except BlockingIOError:
+                        pass
+
+    def fill(self, flags: int = socket.MSG_DONTWAIT) -> bool:
+        """Read what has arrived (with ``flags=0``, wait for it up to the socket's
+        receive timeout). False when nothing came; ``eof`` once the peer is gone."""
+        got = False
+        while True:
+            try:
+                chunk = self.sock.recv(_READ, flags)
+            except (BlockingIOError, InterruptedError):
+                return got
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                self.eof = True
+                return got
+            self._buf += chunk
+            got = True
+            if len(chunk) < _READ:
+                return True
+            flags = socket.MSG_DONTWAIT
+
+    def messages(self) -> list[list[Any]]:
+        """Every whole message read so far, oldest first."""
+        buf = self._buf
+        out = []
+        pos = 0
+        while len(buf) - pos >= 4:
+            (size,) = _LENGTH.unpack_from(buf, pos)
+            if len(buf) - pos - 4 < size:
+                break
+            out.append(_unpack(bytes(buf[pos + 4:pos + 4 + size])))
+            pos += 4 + size
+        if pos:
+            del buf[:pos]
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 @contextmanager
@@ -95,43 +187,41 @@ def calm_gc() -> None:
     gc.set_threshold(100_000, 50, 100)
 
 
-def _child_main(
-    target: str, index: int, inbox: str, outbox: str, args: dict[str, Any], parent: int
-) -> None:
+def _child_main(target: str, index: int, sock: socket.socket, args: dict[str, Any],
+                parent: int) -> None:
     """The run loop of one worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    ctx = zmq.Context(io_threads=1)
-    pull = ctx.socket(zmq.PULL)
-    push = ctx.socket(zmq.PUSH)
-    pull.setsockopt(zmq.LINGER, 0)
-    push.setsockopt(zmq.LINGER, 2000)
-    pull.connect(inbox)
-    push.connect(outbox)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _IDLE_CHECK)
+    chan = Channel(sock)
+    pending: deque[list[Any]] = deque()
     handler: Handler | None = None
     try:
         module, _, name = target.partition(":")
         handler = getattr(importlib.import_module(module), name)(index, args)
         calm_gc()
-        push.send(_pack(["ready", index, None]))
+        sock.sendall(_frame(["ready", index, None]))
         while True:
-            if not pull.poll(1000):
-                if os.getppid() != parent:  # the coordinator is gone: nobody to serve
-                    return
+            if not pending:
+                if not chan.fill(0):
+                    if chan.eof or os.getppid() != parent:
+                        return  # the coordinator is gone: nobody to serve
+                    continue
+                pending.extend(chan.messages())
                 continue
-            msg = _unpack(pull.recv())
+            msg = pending.popleft()
             if msg[0] == "stop":
                 final = handler.close()
                 handler = None
-                push.send(_pack(["final", index, final]))
+                sock.sendall(_frame(["final", index, final]))
                 return
             reply = handler.handle(msg)
             if reply is not None:
-                push.send(_pack(["done", index, reply]))
+                sock.sendall(_frame(["done", index, reply]))
     except BaseException as exc:  # noqa: BLE001 - every failure becomes an outcome
         try:
-            push.send(_pack(["crash", index, outcome_of(exc)]))
-        except zmq.ZMQError:
+            sock.sendall(_frame(["crash", index, outcome_of(exc)]))
+        except OSError:
             pass
     finally:
         if handler is not None:
@@ -139,42 +229,40 @@ def _child_main(
                 handler.close()
             except Exception:  # noqa: BLE001 - already failing; the outcome was sent
                 pass
-        pull.close()
-        push.close()
-        ctx.term()
+        sock.close()
+
+
+def _frame(msg: list[Any]) -> bytes:
+    data = _pack(msg)
+    return _LENGTH.pack(len(data)) + data
 
 
 class Pipeline:
     """A pool of ``n`` worker processes running ``target`` (``"module:Class"``).
 
-    Owned by the coordinator that creates it, in that process only. ``submit`` never
-    blocks for long (inboxes are sized by the caller's own bound on outstanding
-    work); ``events`` drains what workers sent back.
+    Owned by the coordinator that creates it, in that process only. ``submit`` does
+    not wait unless a worker's channel is full (its kernel buffer holds hundreds of
+    descriptors; the caller bounds what is outstanding), and then at most
+    ``stop_timeout`` s; ``events`` drains what workers sent back. Work may be submitted
+    before a worker is ready: it waits in the channel.
     """
 
-    def __init__(
-        self,
-        name: str,
-        target: str,
-        n: int,
-        args: dict[str, Any],
-        ctx: zmq.Context[Any],
-        stop_timeout: float = 10.0,
-    ) -> None:
+    def __init__(self, name: str, target: str, n: int, args: dict[str, Any],
+                 stop_timeout: float = 10.0) -> None:
         self.name = name
         self.target = target
         self.n = n
         self.args = args
-        self.ctx = ctx
         self.stop_timeout = stop_timeout
         self.outstanding = [0] * n
         self.procs: list[multiprocessing.process.BaseProcess] = []
-        self._inboxes: list[zmq.Socket[Any]] = []
+        self._chans: list[Channel] = []
         self._finals: dict[int, Any] = {}
         self._ready: set[int] = set()
-        self.outbox: zmq.Socket[Any] | None = None
+        self._poll = select.poll()
+        self._polled: set[int] = set()
+        self._next_check = 0.0
         self.exitcodes: list[int | None] = []
-        self._dir: EndpointDir | None = None
 
     # -- lifetime -------------------------------------------------------------------
     def __enter__(self) -> Pipeline:
@@ -193,25 +281,22 @@ class Pipeline:
             self._start()
 
     def _start(self) -> None:
-        self._dir = EndpointDir()
-        self.outbox = self.ctx.socket(zmq.PULL)
-        self.outbox.setsockopt(zmq.LINGER, 0)
-        out_ep = self._dir.endpoint("out")
-        self.outbox.bind(out_ep)
         for i in range(self.n):
-            sock = self.ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 100000)
-            ep = self._dir.endpoint(f"in{i}")
-            sock.bind(ep)
-            self._inboxes.append(sock)
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            chan = Channel(mine)
+            self._chans.append(chan)
+            self._poll.register(chan.fd, select.POLLIN)
+            self._polled.add(chan.fd)
             proc = _SPAWN.Process(
                 target=_child_main,
-                args=(self.target, i, ep, out_ep, self.args, os.getpid()),
+                args=(self.target, i, theirs, self.args, os.getpid()),
                 name=f"clone-agent-{self.name}-{i}",
                 daemon=True,
             )
-            proc.start()
+            try:
+                proc.start()
+            finally:
+                theirs.close()  # the child has its own copy now
             self.procs.append(proc)
 
     def close(self, abort: bool = False) -> dict[int, Any]:
@@ -219,22 +304,11 @@ class Pipeline:
         if not abort:
             deadline = time.monotonic() + self.stop_timeout
             crash: CloneError | None = None
-            # A worker still starting has not connected to its inbox yet, and a stop
-            # sent now would be dropped: wait for its "ready" first (work may have been
-            # submitted before the pool was ready, see is_ready).
-            try:
-                while time.monotonic() < deadline and any(
-                        i not in self._ready and p.exitcode is None
-                        for i, p in enumerate(self.procs)):
-                    for _ in self.events(timeout=0.05):
-                        pass
-            except CloneError as exc:
-                crash = exc
-            for i, sock in enumerate(self._inboxes):
-                if i not in self._finals and self.procs[i].exitcode is None:
+            for i, chan in enumerate(self._chans):
+                if i not in self._finals and not chan.eof and self.procs[i].exitcode is None:
                     try:
-                        sock.send(_pack(["stop"]), zmq.NOBLOCK)
-                    except zmq.ZMQError:
+                        chan.send(["stop"], max(0.0, deadline - time.monotonic()))
+                    except OSError:  # gone, or not reading: the join below sees to it
                         pass
             while crash is None and len(self._finals) < self._alive_count() and \
                     time.monotonic() < deadline:
@@ -273,15 +347,11 @@ class Pipeline:
                 proc.join(2.0)
 
     def _teardown(self) -> None:
-        for sock in self._inboxes:
-            sock.close(0)
-        self._inboxes = []
-        if self.outbox is not None:
-            self.outbox.close(0)
-            self.outbox = None
-        if self._dir is not None:
-            self._dir.close()
-            self._dir = None
+        for chan in self._chans:
+            chan.close()
+        self._chans = []
+        self._poll = select.poll()
+        self._polled.clear()
         self.exitcodes = [proc.exitcode for proc in self.procs] or self.exitcodes
         for proc in self.procs:
             try:
@@ -297,38 +367,97 @@ class Pipeline:
 
     def submit(self, index: int, msg: list[Any]) -> None:
         self.outstanding[index] += 1
-        self._inboxes[index].send(_pack(msg))
+        self._send(index, msg)
 
     def broadcast(self, msg: list[Any]) -> None:
-        for sock in self._inboxes:
-            sock.send(_pack(msg))
+        for i in range(self.n):
+            self._send(i, msg)
+
+    def _send(self, index: int, msg: list[Any]) -> None:
+        try:
+            self._chans[index].send(msg, self.stop_timeout)
+        except TimeoutError:
+            raise StageCrashed(f"{self.name}-{index}",
+                               f"took no descriptor for {self.stop_timeout:g} s") from None
+        except OSError:  # its end is closed: it died; say how, with its own report if any
+            self._on_end(index)
+            raise StageCrashed(f"{self.name}-{index}", "its channel closed") from None
+
+    @property
+    def fds(self) -> list[int]:
+        """The channels' descriptors, for a caller's poller: readable when a worker sent
+        something (or ended). See :attr:`backlog` too."""
+        return [chan.fd for chan in self._chans]
+
+    @property
+    def backlog(self) -> bool:
+        """Replies already read (while a send waited for room) and not yet taken by
+        :meth:`events`: a caller about to wait on :attr:`fds` should not."""
+        return any(chan.backlog for chan in self._chans)
 
     def events(self, timeout: float = 0.0) -> Iterator[list[Any]]:
         """Yield ``[kind, index, payload]`` for each "done"; raise a worker's crash.
 
         Waits up to ``timeout`` seconds for the first event, then drains without waiting.
         """
-        assert self.outbox is not None
         wait_ms = int(timeout * 1000)
         while True:
-            if not self.outbox.poll(wait_ms):
-                self.check_alive()
+            batch: list[list[Any]] = []
+            for i, chan in enumerate(self._chans):
+                if not chan.eof:
+                    chan.fill()
+                got = chan.messages()
+                if got:
+                    batch += got
+                elif chan.eof:
+                    if i not in self._finals:
+                        self._on_end(i)
+                    if chan.fd in self._polled:  # ended well: nothing more to wait for
+                        self._polled.discard(chan.fd)
+                        self._poll.unregister(chan.fd)
+            if not batch:
+                if wait_ms > 0 and self._poll.poll(wait_ms):
+                    wait_ms = 0
+                    continue
+                now = time.monotonic()
+                if now >= self._next_check:  # a hang-up is seen above; this is a backstop
+                    self._next_check = now + 0.5
+                    self.check_alive()
                 return
             wait_ms = 0
-            kind, index, payload = _unpack(self.outbox.recv())
-            if kind == "done":
-                self.outstanding[index] -= 1
-                yield [kind, index, payload]
+            for kind, index, payload in batch:
+                if kind == "done":
+                    self.outstanding[index] -= 1
+                    yield [kind, index, payload]
+                elif kind == "ready":
+                    self._ready.add(index)
+                elif kind == "final":
+                    self._finals[index] = payload
+                elif kind == "crash":
+                    raise self._crash_error(index, payload)
+
+    def _on_end(self, index: int) -> None:
+        """Worker ``index``'s channel closed without its final report: raise its crash
+        report if it sent one, else say how it ended."""
+        chan = self._chans[index]
+        if not chan.eof:
+            chan.fill()
+        for kind, i, payload in chan.messages():
+            if kind == "crash":
+                raise self._crash_error(i, payload)
+            if kind == "final":
+                self._finals[i] = payload
             elif kind == "ready":
-                self._ready.add(index)
-            elif kind == "final":
-                self._finals[index] = payload
-            elif kind == "crash":
-                raise self._crash_error(index, payload)
+                self._ready.add(i)
+        if index in self._finals:
+            return
+        proc = self.procs[index]
+        proc.join(2.0)  # it closed its end as it exited: reaped in a moment
+        raise StageCrashed(f"{self.name}-{index}", f"process exited with status {proc.exitcode}")
 
     def is_ready(self, index: int) -> bool:
         """Worker ``index`` has imported its handler (its "ready" came through
-        :meth:`events`). Work submitted before that waits in the worker's inbox."""
+        :meth:`events`). Work submitted before that waits in its channel."""
         return index in self._ready
 
     @property
@@ -348,18 +477,7 @@ class Pipeline:
     def check_alive(self) -> None:
         for i, proc in enumerate(self.procs):
             if proc.exitcode is not None and i not in self._finals:
-                # Give a crash report already on the wire a chance to be read first.
-                assert self.outbox is not None
-                while self.outbox.poll(0):
-                    kind, index, payload = _unpack(self.outbox.recv())
-                    if kind == "crash":
-                        raise self._crash_error(index, payload)
-                    if kind == "final":
-                        self._finals[index] = payload
-                if i not in self._finals:
-                    raise StageCrashed(
-                        f"{self.name}-{i}", f"process exited with status {proc.exitcode}"
-                    )
+                self._on_end(i)
 
     def _crash_error(self, index: int, outcome: dict[str, Any]) -> CloneError:
         if outcome.get("errno"):
@@ -368,11 +486,6 @@ class Pipeline:
             err = StageCrashed(f"{self.name}-{index}", outcome["message"])
         log.debug("worker %s-%d traceback:\n%s", self.name, index, outcome.get("traceback"))
         return err
-
-    @property
-    def ipc_dir(self) -> str | None:
-        """The 0700 directory of this pool's descriptor-channel socket files, while open."""
-        return self._dir.path if self._dir is not None else None
 
     def sentinels(self) -> list[int]:
         return [p.sentinel for p in self.procs]

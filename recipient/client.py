@@ -287,7 +287,7 @@ class Pull:
             writer_args = {"ring": ring.name, "capacity": ring.capacity,
                            "slot_size": ring.slot_size, "root": dest, **limits}
             writers = stack.enter_context(Pipeline(
-                "writer", "recipient.writer:Writer", o.writers, writer_args, self.ctx))
+                "writer", "recipient.writer:Writer", o.writers, writer_args))
             self.streams.append(dealer(self.ctx, url))
             self._send(0, P.INIT, {"version": PROTOCOL_VERSION, "user": o.user,
                                    "password": o.password or "", "agent": "clone-agent",
@@ -518,9 +518,7 @@ class Pull:
         poller = zmq.Poller()
         for sock in self.streams:
             poller.register(sock, zmq.POLLIN)
-        assert writers.outbox is not None
-        poller.register(writers.outbox, zmq.POLLIN)
-        for fd in writers.sentinels():
+        for fd in writers.fds + writers.sentinels():
             poller.register(fd, zmq.POLLIN)
         origin: dict[int, tuple[int, int]] = {}  # block seq -> (stream index, span)
         acks: dict[int, list[int]] = {}
@@ -531,7 +529,7 @@ class Pull:
         while not (complete and self.blocks_done == total_blocks):
             if self.o.should_stop():
                 raise QueryInterrupted()
-            events = dict(poller.poll(200))
+            events = dict(poller.poll(0 if writers.backlog else 200))
             now = time.monotonic()
             grow = self.tuner.sample(now, self.data_bytes) if self.autotune else None
             if grow is not None and not complete:

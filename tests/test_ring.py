@@ -1,7 +1,6 @@
 import os
 
 import pytest
-import zmq
 
 from engine.ipc import EndpointDir
 from engine.ring import PREFIX, SHM_DIR, Ring, RingView, sweep_stale
@@ -34,21 +33,17 @@ def test_close_is_idempotent_and_unlinks_on_error() -> None:
 
 
 def test_bytes_cross_processes_through_the_ring() -> None:
-    ctx = zmq.Context()
-    try:
-        with Ring(3, 64 << 10) as ring, Pipeline(
-            "fill", "tests.workers:Filler", 2,
-            {"ring": ring.name, "capacity": 3, "slot_size": 64 << 10}, ctx,
-        ) as pool:
-            for slot in range(3):
-                pool.submit(slot % 2, ["fill", slot, 10 + slot])
-            done = []
-            while len(done) < 3:
-                done += [ev[2][0] for ev in pool.events(timeout=5)]
-            for slot in range(3):
-                assert bytes(ring.slot(slot)) == bytes([10 + slot]) * (64 << 10)
-    finally:
-        ctx.term()
+    with Ring(3, 64 << 10) as ring, Pipeline(
+        "fill", "tests.workers:Filler", 2,
+        {"ring": ring.name, "capacity": 3, "slot_size": 64 << 10},
+    ) as pool:
+        for slot in range(3):
+            pool.submit(slot % 2, ["fill", slot, 10 + slot])
+        done = []
+        while len(done) < 3:
+            done += [ev[2][0] for ev in pool.events(timeout=5)]
+        for slot in range(3):
+            assert bytes(ring.slot(slot)) == bytes([10 + slot]) * (64 << 10)
 
 
 def test_view_attaches_by_name() -> None:
