@@ -89,8 +89,10 @@ def test_the_descriptor_channel_has_no_name_to_connect_to() -> None:
     with Pipeline("echo", "tests.workers:Echo", 2, {}) as pool:
         pool.wait_ready(30)
         names = _unix_names()
-        for proc in pool.procs:
+        for i, proc in enumerate(pool.procs):
             assert proc.pid is not None
+            with open(f"/proc/{proc.pid}/comm") as f:  # ps and top show what it is
+                assert f.read().strip() == f"ca-echo-{i}"
             inodes = _socket_inodes(proc.pid)
             assert len(inodes) == 1
             (inode,) = inodes
