@@ -1,13 +1,18 @@
 """One process stage: a pool of worker processes with a run loop, end-of-stream and outcomes.
 
 ``with Pipeline("reader", "donor.reader:Reader", n, args) as pool:`` starts ``n``
-processes (spawn start method, so no ZeroMQ context, socket or lock crosses a fork,
-STYLE.md 9) and joins every one on exit (STYLE.md 7).
+processes and joins every one on exit (STYLE.md 7). Each is a fresh interpreter
+(fork and exec, as the spawn start method does, so no ZeroMQ context, socket or lock
+crosses a fork, STYLE.md 9), started directly rather than through multiprocessing:
+a spawned child imports multiprocessing and pickle before it can run anything, and the
+first spawn starts multiprocessing's resource-tracker process too (together about a
+tenth of a CPU second a clone here, for machinery the workers do not use).
 
 The descriptor channel: one Unix stream socket pair per worker, made before the worker
-starts and handed to it at spawn (multiprocessing passes the descriptor, as it does for
-its own pipes). It has no name, in the file system or in the abstract namespace, so no
-other process can connect to it to take a descriptor or forge a reply. Messages are
+starts; the worker inherits its end and nothing else. It has no name, in the file
+system or in the abstract namespace, so no other process can connect to it to take a
+descriptor or forge a reply. The first message on it is the worker's start record
+(the parent's ``sys.path``, the handler, its index and arguments). Messages are
 small marshal'd lists, each after its length (:class:`Channel`); bulk bytes stay in the
 :class:`~engine.ring.Ring`. A descriptor wakes the worker itself, and a reply the
 coordinator: one wake-up each way, where a ZeroMQ ``ipc://`` channel woke the sender's
@@ -20,7 +25,7 @@ calls ``handler.close()``, sends ``["final", index, stats]`` and exits. An excep
 travels back as ``["crash", index, outcome]`` (type, number, message, traceback) and
 is re-raised in the coordinator as the error it was (STYLE.md 6). A worker that dies
 without a word (kill -9) closes its end: the coordinator reads the end of the channel
-and reaps it, or sees it through its process sentinel.
+and reaps it, or sees it through its process sentinel (a pidfd).
 
 Shutdown escalates stop -> join(timeout) -> terminate -> kill, with a warning.
 Workers ignore SIGINT: the command-line process alone decides (STYLE.md 8), and a
@@ -32,24 +37,21 @@ from __future__ import annotations
 import importlib
 import logging
 import marshal
-import multiprocessing
 import os
 import select
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Protocol
 
 from engine.errors import CloneError, StageCrashed, by_number, outcome_of
 
 log = logging.getLogger("clone_agent.stage")
-
-_SPAWN = multiprocessing.get_context("spawn")
 
 # Descriptors are marshal'd, not JSON: a file name that is not UTF-8 is a str with
 # surrogate escapes here (os.fsdecode), which JSON cannot carry; marshal carries any
@@ -151,28 +153,6 @@ class Channel:
         self.sock.close()
 
 
-@contextmanager
-def _bare_main() -> Iterator[None]:
-    """Start spawned workers without re-importing our ``__main__`` in each of them.
-
-    The spawn method runs the parent's main module again in every child (the typer
-    command line, with its imports: a tenth of a second per worker here) unless
-    ``__main__`` names neither a module nor a file. Workers need nothing from it: their
-    target is a module-level function of this module. Restored at once.
-    """
-    main = sys.modules.get("__main__")
-    saved: dict[str, object] = {k: main.__dict__[k] for k in ("__spec__", "__file__")
-             if main is not None and k in main.__dict__}
-    try:
-        if main is not None:
-            main.__dict__["__spec__"] = None
-            main.__dict__.pop("__file__", None)
-        yield
-    finally:
-        if main is not None:
-            main.__dict__.update(saved)
-
-
 def calm_gc() -> None:
     """Run Python's cycle collector rarely in a process that moves blocks.
 
@@ -196,9 +176,9 @@ def _name_thread(name: str) -> None:
         pass
 
 
-def _child_main(target: str, index: int, sock: socket.socket, args: dict[str, Any],
+def _child_main(sock: socket.socket, target: str, index: int, args: dict[str, Any],
                 parent: int, name: str) -> None:
-    """The run loop of one worker process."""
+    """The run loop of one worker process (started by :data:`_BOOT`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _name_thread(f"ca-{name}-{index}")
@@ -247,6 +227,80 @@ def _frame(msg: list[Any]) -> bytes:
     return _LENGTH.pack(len(data)) + data
 
 
+#: What a worker's interpreter runs first (``python -c``; argv[1]: its channel's
+#: descriptor). SIGINT is ignored before anything else (the command line alone decides,
+#: STYLE.md 8); then it reads its start record and runs :func:`_child_main`.
+_BOOT = """\
+import signal
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+import marshal, socket, struct, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+head = b""
+while len(head) < 4:
+    got = sock.recv(4 - len(head))
+    if not got:
+        sys.exit(0)
+    head += got
+(size,) = struct.unpack("<I", head)
+body = bytearray()
+while len(body) < size:
+    got = sock.recv(size - len(body))
+    if not got:
+        sys.exit(0)
+    body += got
+path, start = marshal.loads(bytes(body))
+sys.path[:] = path
+from engine.stage import _child_main
+_child_main(sock, *start)
+"""
+
+
+class _Worker:
+    """One worker process (``subprocess.Popen``), with the handful of
+    ``multiprocessing.Process`` attributes the pool uses."""
+
+    def __init__(self, name: str, sock: socket.socket) -> None:
+        self.name = name
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _BOOT, str(sock.fileno())],
+            pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL)
+        self.pid = self._proc.pid
+        self._pidfd: int | None = None
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # Linux before 5.3: the channel's end suffices
+            pass
+
+    @property
+    def exitcode(self) -> int | None:
+        """None while it runs; else its exit status, minus the signal that ended it."""
+        return self._proc.poll()
+
+    @property
+    def sentinel(self) -> int | None:
+        """A descriptor that becomes readable when the process ends (None if there is none)."""
+        return self._pidfd
+
+    def join(self, timeout: float) -> None:
+        try:
+            self._proc.wait(max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            pass
+
+    def terminate(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
 class Pipeline:
     """A pool of ``n`` worker processes running ``target`` (``"module:Class"``).
 
@@ -265,7 +319,7 @@ class Pipeline:
         self.args = args
         self.stop_timeout = stop_timeout
         self.outstanding = [0] * n
-        self.procs: list[multiprocessing.process.BaseProcess] = []
+        self.procs: list[_Worker] = []
         self._chans: list[Channel] = []
         self._finals: dict[int, Any] = {}
         self._ready: set[int] = set()
@@ -287,27 +341,20 @@ class Pipeline:
         self.close(abort=exc is not None)
 
     def start(self) -> None:
-        with _bare_main():
-            self._start()
-
-    def _start(self) -> None:
         for i in range(self.n):
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             chan = Channel(mine)
             self._chans.append(chan)
             self._poll.register(chan.fd, select.POLLIN)
             self._polled.add(chan.fd)
-            proc = _SPAWN.Process(
-                target=_child_main,
-                args=(self.target, i, theirs, self.args, os.getpid(), self.name),
-                name=f"clone-agent-{self.name}-{i}",
-                daemon=True,
-            )
             try:
-                proc.start()
+                proc = _Worker(f"clone-agent-{self.name}-{i}", theirs)
             finally:
                 theirs.close()  # the child has its own copy now
             self.procs.append(proc)
+            # Its start record waits in the channel until the interpreter is up.
+            chan.send([sys.path, [self.target, i, self.args, os.getpid(), self.name]],
+                      self.stop_timeout)
 
     def close(self, abort: bool = False) -> dict[int, Any]:
         """End every worker: stop (unless aborting), join, terminate, kill. Idempotent."""
@@ -498,15 +545,15 @@ class Pipeline:
         return err
 
     def sentinels(self) -> list[int]:
-        return [p.sentinel for p in self.procs]
+        return [p.sentinel for p in self.procs if p.sentinel is not None]
 
 
 def end_resource_tracker() -> None:
-    """Stop and reap multiprocessing's resource-tracker helper, which the spawn start
-    method starts on first use and which would otherwise outlive us for a moment as an
-    orphan. Called once, by the command line, after every pool has been joined."""
-    from multiprocessing import resource_tracker
-
+    """Stop and reap multiprocessing's resource-tracker helper, which a spawn (the
+    clone-local donor's) starts on first use and which would otherwise outlive us for a
+    moment as an orphan. Called once, by the command line, after every process has
+    been joined; nothing to do where multiprocessing was not used."""
+    resource_tracker = sys.modules.get("multiprocessing.resource_tracker")
     tracker = getattr(resource_tracker, "_resource_tracker", None)
     stop = getattr(tracker, "_stop", None)
     if stop is not None:
