@@ -178,7 +178,7 @@ def _name_thread(name: str) -> None:
 
 def _child_main(sock: socket.socket, target: str, index: int, args: dict[str, Any],
                 parent: int, name: str) -> None:
-    """The run loop of one worker process (started by :data:`_BOOT`)."""
+    """The run loop of one worker process (after :func:`boot_worker`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _name_thread(f"ca-{name}-{index}")
@@ -227,32 +227,27 @@ def _frame(msg: list[Any]) -> bytes:
     return _LENGTH.pack(len(data)) + data
 
 
-#: What a worker's interpreter runs first (``python -c``; argv[1]: its channel's
-#: descriptor). SIGINT is ignored before anything else (the command line alone decides,
-#: STYLE.md 8); then it reads its start record and runs :func:`_child_main`.
-_BOOT = """\
-import signal
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-import marshal, socket, struct, sys
-sock = socket.socket(fileno=int(sys.argv[1]))
-head = b""
-while len(head) < 4:
-    got = sock.recv(4 - len(head))
-    if not got:
-        sys.exit(0)
-    head += got
-(size,) = struct.unpack("<I", head)
-body = bytearray()
-while len(body) < size:
-    got = sock.recv(size - len(body))
-    if not got:
-        sys.exit(0)
-    body += got
-path, start = marshal.loads(bytes(body))
-sys.path[:] = path
-from engine.stage import _child_main
-_child_main(sock, *start)
-"""
+def boot_worker(fd: int) -> None:
+    """In a new worker (engine/worker.py): read the start record that :class:`Pipeline`
+    sent on channel ``fd``, take the parent's ``sys.path``, run :func:`_child_main`."""
+    sock = socket.socket(fileno=fd)
+    head = sock.recv(_LENGTH.size, socket.MSG_WAITALL)
+    if len(head) < _LENGTH.size:
+        return  # the coordinator is already gone
+    (size,) = _LENGTH.unpack(head)
+    body = sock.recv(size, socket.MSG_WAITALL)
+    if len(body) < size:
+        return
+    path, start = _unpack(body)
+    sys.path[:] = path
+    _child_main(sock, *start)
+
+
+def _worker_env() -> dict[str, str]:
+    """The environment of a worker: ours, with our ``sys.path`` first on PYTHONPATH, so
+    that it finds this package (and a handler's module) where we did."""
+    path = [p or os.getcwd() for p in sys.path]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
 class _Worker:
@@ -262,8 +257,8 @@ class _Worker:
     def __init__(self, name: str, sock: socket.socket) -> None:
         self.name = name
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", _BOOT, str(sock.fileno())],
-            pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL)
+            [sys.executable, "-m", "engine.worker", str(sock.fileno())],
+            pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, env=_worker_env())
         self.pid = self._proc.pid
         self._pidfd: int | None = None
         try:

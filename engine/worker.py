@@ -1,0 +1,16 @@
+"""A stage worker's entry point: ``python -m engine.worker FD`` (started by engine/stage.py).
+
+SIGINT is ignored first: the command line alone decides what an interrupt means
+(STYLE.md 8). Then the worker reads its start record from its channel (descriptor FD)
+and runs its handler's loop.
+"""
+
+import signal
+
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+import sys  # noqa: E402 - after the signal, on purpose
+
+from engine.stage import boot_worker  # noqa: E402
+
+boot_worker(int(sys.argv[1]))
