@@ -5,7 +5,9 @@
 | errors     | error classes: MySQL number, SQLSTATE, message, hint, exit status         |
 | config     | clone_* variables: defaults, ranges, loading (flag > env > TOML > default) |
 | ring       | shared-memory ring: fixed slots, explicit capacity, stats(), no leftovers |
+| ipc        | clone-local's endpoint: a socket file in a 0700 directory of our own      |
 | stage      | a pool of worker processes: run loop, descriptor channel, outcomes, stop  |
+| worker     | a stage worker's entry point (`python -m engine.worker FD`)               |
 | codec      | block framing, xxh3 checksums, compression (none / lz4 / zstd)            |
 | protocol   | message types, framing, limits, version negotiation, locators            |
 | transport  | ZeroMQ sockets and options; zmq errors translated at this edge            |
