@@ -362,8 +362,12 @@ class Pipeline:
                         chan.send(["stop"], max(0.0, deadline - time.monotonic()))
                     except OSError:  # gone, or not reading: the join below sees to it
                         pass
-            while crash is None and len(self._finals) < self._alive_count() and \
-                    time.monotonic() < deadline:
+            # Until every worker's final report is in, or its channel ended without one
+            # (events() raises that as a crash). Not "while any runs": a worker that
+            # already exited may have left its final in the channel, unread.
+            while crash is None and time.monotonic() < deadline and any(
+                    i not in self._finals and not chan.eof
+                    for i, chan in enumerate(self._chans)):
                 try:
                     for _ in self.events(timeout=0.2):
                         pass
@@ -377,9 +381,6 @@ class Pipeline:
         self._reap(timeout=0.0 if abort else 1.0, quiet=abort)
         self._teardown()
         return self._finals
-
-    def _alive_count(self) -> int:
-        return sum(1 for i, p in enumerate(self.procs) if p.exitcode is None or i in self._finals)
 
     def _reap(self, timeout: float, quiet: bool = False) -> None:
         """Join every worker within ``timeout``, then terminate, then kill. ``quiet``: an

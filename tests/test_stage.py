@@ -27,6 +27,23 @@ def test_work_comes_back_and_stop_ends_every_worker() -> None:
     assert pool.exitcodes == [0, 0, 0]
 
 
+def test_finals_of_workers_that_already_exited_are_still_read() -> None:
+    """A worker may send its final report and exit before close() looks: the report is
+    in its channel still, and close() must return it (it once counted only the workers
+    still running, and lost these)."""
+    with Pipeline("echo", "tests.workers:Echo", 2, {}) as pool:
+        pool.wait_ready(30)
+        for i in range(6):
+            pool.submit(i % 2, ["work", i])
+        assert len(_collect(pool, 6)) == 6
+        pool.broadcast(["stop"])
+        for proc in pool.procs:
+            proc.join(30)
+            assert proc.exitcode == 0
+        finals = pool.close()
+    assert sorted(finals) == [0, 1] and sum(f["count"] for f in finals.values()) == 6
+
+
 def test_a_crash_is_reraised_with_its_number() -> None:
     with pytest.raises(ProtocolError) as info:
         with Pipeline("echo", "tests.workers:Echo", 2, {}) as pool:
