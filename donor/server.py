@@ -304,9 +304,10 @@ class DonorServer:
         poller.register(self.sock, zmq.POLLIN)
         _watch(poller, self.readers)
         while not should_stop():
-            backlog = self.readers.backlog or (
-                self.compressors is not None and self.compressors.backlog)
-            ready = dict(poller.poll(0 if backlog else 100))
+            wait_ms = self.readers.poll_ms(100)
+            if self.compressors is not None:
+                wait_ms = self.compressors.poll_ms(wait_ms)
+            ready = dict(poller.poll(wait_ms))
             if self.sock in ready:
                 for _ in range(512):
                     try:

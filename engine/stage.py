@@ -74,45 +74,38 @@ class Handler(Protocol):
 class Channel:
     """One end of a descriptor channel: marshal'd messages, each after its 4-byte length,
     on a Unix stream socket. The socket stays blocking; the coordinator's reads and
-    sends pass MSG_DONTWAIT, and a worker's read waits in the kernel (SO_RCVTIMEO)."""
+    sends pass MSG_DONTWAIT, and a worker's read waits in the kernel (SO_RCVTIMEO).
+
+    The coordinator never waits to send: what the kernel's buffer cannot take now (a
+    worker busy with a slow write, a batch descriptor of hundreds of KiB) waits in
+    ``_out`` and goes at the next :meth:`flush`. Its loop must go on meanwhile: the
+    network, keepalives and Ctrl-C do not wait for a disk."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.eof = False
         self._buf = bytearray()
-        self._poll = select.poll()
-        self._poll.register(self.fd, select.POLLIN | select.POLLOUT)
+        self._out = bytearray()
 
     @property
-    def backlog(self) -> bool:
-        """Bytes already read and not yet parsed (a poll of the socket would not show them)."""
-        return bool(self._buf)
+    def unsent(self) -> bool:
+        """Bytes the kernel has not taken yet (:meth:`flush` sends them)."""
+        return bool(self._out)
 
-    def send(self, msg: list[Any], timeout: float) -> None:
-        """Send one message; wait at most ``timeout`` s for room (TimeoutError). While it
-        waits it reads what the peer sends, so that neither side waits on the other."""
-        out = memoryview(_frame(msg))
-        try:
-            sent = self.sock.send(out, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            sent = 0
-        if sent == len(out):
-            return
-        out = out[sent:]
-        deadline = time.monotonic() + timeout
-        while out:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no room to send for {timeout:g} s")
-            for _, ev in self._poll.poll(left * 1000):
-                if ev & select.POLLIN:
-                    self.fill()
-                if ev & (select.POLLOUT | select.POLLERR | select.POLLHUP):
-                    try:
-                        out = out[self.sock.send(out, socket.MSG_DONTWAIT):]
-                    except BlockingIOError:
-                        pass
+    def send(self, msg: list[Any]) -> None:
+        """Queue one message and send what the kernel takes now, without waiting.
+        BrokenPipeError (an OSError) if the peer is gone."""
+        self._out += _frame(msg)
+        self.flush()
+
+    def flush(self) -> None:
+        while self._out:
+            try:
+                sent = self.sock.send(self._out, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            del self._out[:sent]
 
     def fill(self, flags: int = socket.MSG_DONTWAIT) -> bool:
         """Read what has arrived (with ``flags=0``, wait for it up to the socket's
@@ -348,8 +341,7 @@ class Pipeline:
                 theirs.close()  # the child has its own copy now
             self.procs.append(proc)
             # Its start record waits in the channel until the interpreter is up.
-            chan.send([sys.path, [self.target, i, self.args, os.getpid(), self.name]],
-                      self.stop_timeout)
+            chan.send([sys.path, [self.target, i, self.args, os.getpid(), self.name]])
 
     def close(self, abort: bool = False) -> dict[int, Any]:
         """End every worker: stop (unless aborting), join, terminate, kill. Idempotent."""
@@ -359,8 +351,8 @@ class Pipeline:
             for i, chan in enumerate(self._chans):
                 if i not in self._finals and not chan.eof and self.procs[i].exitcode is None:
                     try:
-                        chan.send(["stop"], max(0.0, deadline - time.monotonic()))
-                    except OSError:  # gone, or not reading: the join below sees to it
+                        chan.send(["stop"])
+                    except OSError:  # gone: the join below sees to it
                         pass
             # Until every worker's final report is in, or its channel ended without one
             # (events() raises that as a crash). Not "while any runs": a worker that
@@ -428,10 +420,7 @@ class Pipeline:
 
     def _send(self, index: int, msg: list[Any]) -> None:
         try:
-            self._chans[index].send(msg, self.stop_timeout)
-        except TimeoutError:
-            raise StageCrashed(f"{self.name}-{index}",
-                               f"took no descriptor for {self.stop_timeout:g} s") from None
+            self._chans[index].send(msg)
         except OSError:  # its end is closed: it died; say how, with its own report if any
             self._on_end(index)
             raise StageCrashed(f"{self.name}-{index}", "its channel closed") from None
@@ -439,24 +428,29 @@ class Pipeline:
     @property
     def fds(self) -> list[int]:
         """The channels' descriptors, for a caller's poller: readable when a worker sent
-        something (or ended). See :attr:`backlog` too."""
+        something (or ended). See :meth:`poll_ms` too."""
         return [chan.fd for chan in self._chans]
 
-    @property
-    def backlog(self) -> bool:
-        """Replies already read (while a send waited for room) and not yet taken by
-        :meth:`events`: a caller about to wait on :attr:`fds` should not."""
-        return any(chan.backlog for chan in self._chans)
+    def poll_ms(self, idle_ms: int) -> int:
+        """How long a caller about to wait on :attr:`fds` may wait: ``idle_ms`` normally;
+        a few milliseconds while descriptors wait for room in a worker's channel (sent
+        by :meth:`events`), so that they go as soon as the worker takes them."""
+        return min(idle_ms, 5) if any(chan.unsent for chan in self._chans) else idle_ms
 
     def events(self, timeout: float = 0.0) -> Iterator[list[Any]]:
         """Yield ``[kind, index, payload]`` for each "done"; raise a worker's crash.
 
         Waits up to ``timeout`` seconds for the first event, then drains without waiting.
         """
-        wait_ms = int(timeout * 1000)
+        deadline = time.monotonic() + timeout
         while True:
             batch: list[list[Any]] = []
             for i, chan in enumerate(self._chans):
+                if chan.unsent and not chan.eof:
+                    try:
+                        chan.flush()
+                    except OSError:  # it died: its end of file is read below
+                        pass
                 if not chan.eof:
                     chan.fill()
                 got = chan.messages()
@@ -469,15 +463,16 @@ class Pipeline:
                         self._polled.discard(chan.fd)
                         self._poll.unregister(chan.fd)
             if not batch:
-                if wait_ms > 0 and self._poll.poll(wait_ms):
-                    wait_ms = 0
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms > 0:
+                    self._poll.poll(self.poll_ms(left_ms))
                     continue
                 now = time.monotonic()
                 if now >= self._next_check:  # a hang-up is seen above; this is a backstop
                     self._next_check = now + 0.5
                     self.check_alive()
                 return
-            wait_ms = 0
+            deadline = 0.0  # drain what came, without waiting again
             for kind, index, payload in batch:
                 if kind == "done":
                     self.outstanding[index] -= 1

@@ -529,7 +529,7 @@ class Pull:
         while not (complete and self.blocks_done == total_blocks):
             if self.o.should_stop():
                 raise QueryInterrupted()
-            events = dict(poller.poll(0 if writers.backlog else 200))
+            events = dict(poller.poll(writers.poll_ms(200)))
             now = time.monotonic()
             grow = self.tuner.sample(now, self.data_bytes) if self.autotune else None
             if grow is not None and not complete:

@@ -44,6 +44,21 @@ def test_finals_of_workers_that_already_exited_are_still_read() -> None:
     assert sorted(finals) == [0, 1] and sum(f["count"] for f in finals.values()) == 6
 
 
+def test_a_busy_worker_does_not_hold_up_the_coordinator() -> None:
+    """Descriptors for a worker that is not reading (a stalled disk) wait in the
+    coordinator; submit returns at once, and they all arrive, in order, once it reads."""
+    big = "x" * (256 << 10)
+    with Pipeline("echo", "tests.workers:Echo", 1, {}) as pool:
+        pool.wait_ready(30)
+        pool.submit(0, ["nap", 1.0])
+        for i in range(16):  # 4 MiB: more than the socket buffer holds
+            pool.submit(0, ["work", big + str(i)])
+        assert pool.poll_ms(200) < 200  # still queued here: submit did not wait
+        got = _collect(pool, 17)
+        assert [ev[2][1] for ev in got[1:]] == [big + str(i) for i in range(16)]
+        assert pool.poll_ms(200) == 200
+
+
 def test_a_crash_is_reraised_with_its_number() -> None:
     with pytest.raises(ProtocolError) as info:
         with Pipeline("echo", "tests.workers:Echo", 2, {}) as pool:

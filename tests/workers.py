@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any
 
 from engine.errors import ChecksumMismatch
@@ -24,6 +25,8 @@ class Echo:
             raise ChecksumMismatch("block 7 failed its xxh3 checksum")
         if kind == "die":
             os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "nap":  # a worker held up, as by a disk that stalls
+            time.sleep(msg[1])
         return [self.index, msg[1]]
 
     def close(self) -> Any:
