@@ -292,11 +292,11 @@ class _Worker:
 class Pipeline:
     """A pool of ``n`` worker processes running ``target`` (``"module:Class"``).
 
-    Owned by the coordinator that creates it, in that process only. ``submit`` does
-    not wait unless a worker's channel is full (its kernel buffer holds hundreds of
-    descriptors; the caller bounds what is outstanding), and then at most
-    ``stop_timeout`` s; ``events`` drains what workers sent back. Work may be submitted
-    before a worker is ready: it waits in the channel.
+    Owned by the coordinator that creates it, in that process only. ``submit`` never
+    waits: what a worker's channel cannot take yet waits in the coordinator (the
+    caller bounds what is outstanding) and goes at the next ``events``, which also
+    drains what workers sent back. Work may be submitted before a worker is ready: it
+    waits in the channel.
     """
 
     def __init__(self, name: str, target: str, n: int, args: dict[str, Any],
