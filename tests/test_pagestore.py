@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -168,3 +169,14 @@ def test_redo_cut_at_any_transaction_boundary(crashed, tmp_path_factory, k: int)
         assert {i: _balance(store, i) for i in range(40)} == expected
     r = verify(str(d))
     assert r["ok"] and r["max_txn"] == k
+
+
+def test_the_recipient_and_its_recovery_run_without_numpy() -> None:
+    """numpy (the bank workload's) costs a recipient's RECOVERY about 0.15 CPU s to import
+    and its BLAS threads to spin: the store alone must not pull it in."""
+    code = ("import sys, recipient.client, recipient.recovery, recipient.writer; "
+            "from engine.pagestore import PageStore; "
+            "sys.exit(1 if 'numpy' in sys.modules else 0)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr or "numpy was imported"

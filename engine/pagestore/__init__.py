@@ -10,8 +10,28 @@
 | bank     | init of a data directory, the bank workload, verify                          |
 """
 
-from engine.pagestore.bank import Workload, init_datadir, verify
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from engine.pagestore.store import ARCHIVE_DIR, REDO_DIR, PageStore, is_paged, read_control
+
+if TYPE_CHECKING:
+    from engine.pagestore.bank import Workload, init_datadir, verify
+
+#: bank.py's names, imported when first used: bank needs numpy, whose import (and its
+#: BLAS threads) cost a clone's recipient about 0.15 CPU s at RECOVERY, which needs
+#: only the store.
+_FROM_BANK = ("Workload", "init_datadir", "verify")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BANK:
+        from engine.pagestore import bank
+
+        return getattr(bank, name)
+    raise AttributeError(f"module 'engine.pagestore' has no attribute {name!r}")
+
 
 __all__ = ["ARCHIVE_DIR", "REDO_DIR", "PageStore", "Workload", "init_datadir", "is_paged",
            "read_control", "verify"]
