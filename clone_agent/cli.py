@@ -8,15 +8,30 @@ plus ``hint: ...``, and mapped to an exit status by :func:`engine.errors.exit_st
 
 from __future__ import annotations
 
-import logging
-import os
 import signal
 import sys
+from types import FrameType
+
+_INTERRUPTED = "ERROR 1317 (70100): Query execution was interrupted\n"
+_interrupted_early = False
+
+
+def _interrupted_at_start(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C while the command line is still importing (a tenth of a second): noted,
+    and answered by main() in MySQL's words. Nothing is raised inside an import, where
+    a half-initialised extension module could take the interpreter down with it."""
+    global _interrupted_early
+    _interrupted_early = True
+
+
+signal.signal(signal.SIGINT, _interrupted_at_start)
+
+import logging  # after the handler above, on purpose
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 from typing import Any, NoReturn, Optional
 
 import orjson
@@ -461,11 +476,20 @@ def bench(
 def main() -> None:
     from engine.stage import end_resource_tracker
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here: KeyboardInterrupt
+    if _interrupted_early:
+        sys.stderr.write(_INTERRUPTED)
+        sys.exit(1)
     try:
         app()
     except KeyboardInterrupt:
-        sys.stderr.write("ERROR 1317 (70100): Query execution was interrupted\n")
+        sys.stderr.write(_INTERRUPTED)
         sys.exit(1)
+    except SystemExit as exc:
+        if exc.code == 130:  # typer's exit for a Ctrl-C it caught before a command ran
+            sys.stderr.write(_INTERRUPTED)
+            sys.exit(1)
+        raise
     finally:
         end_resource_tracker()
 

@@ -414,7 +414,16 @@ class DonorServer:
                 except CloneError:
                     self._end_session(None, send_error=False)
                     raise
-            self._reply(ident, P.response(P.CONFIG, self.session.config_body()))
+            assert self.sock is not None
+            try:
+                self.sock.send_multipart([ident, *P.response(P.CONFIG,
+                                                             self.session.config_body())])
+            except zmq.ZMQError as exc:  # EHOSTUNREACH
+                # The recipient left before its answer (a Ctrl-C right after INIT): end
+                # the clone now rather than refuse the next one until the idle timeout.
+                log.info("clone %d: the recipient left before CONFIG (%s)", clone_id,
+                         exc.strerror)
+                self._end_session(None, send_error=False)
             return
         if s is None or (msg.body.get("clone_id") != s.clone_id):
             raise ProtocolError("no such clone (it ended, or the donor restarted)")

@@ -249,9 +249,13 @@ class _Worker:
 
     def __init__(self, name: str, sock: socket.socket) -> None:
         self.name = name
+        # A process group of its own: a Ctrl-C at the terminal (sent to the foreground
+        # group) reaches the command line alone, which decides (STYLE.md 8); a worker
+        # still starting would otherwise die of it before it could ignore it.
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "engine.worker", str(sock.fileno())],
-            pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, env=_worker_env())
+            pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, env=_worker_env(),
+            process_group=0)
         self.pid = self._proc.pid
         self._pidfd: int | None = None
         try:

@@ -9,8 +9,8 @@ import signal
 
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-import sys  # noqa: E402 - after the signal, on purpose
+import sys  # after the signal, on purpose
 
-from engine.stage import boot_worker  # noqa: E402
+from engine.stage import boot_worker
 
 boot_worker(int(sys.argv[1]))

@@ -125,6 +125,8 @@ def test_the_descriptor_channel_has_no_name_to_connect_to() -> None:
             assert proc.pid is not None
             with open(f"/proc/{proc.pid}/comm") as f:  # ps and top show what it is
                 assert f.read().strip() == f"ca-echo-{i}"
+            # its own process group: a terminal's Ctrl-C reaches the command line only
+            assert os.getpgid(proc.pid) == proc.pid != os.getpgid(0)
             inodes = _socket_inodes(proc.pid)
             assert len(inodes) == 1
             (inode,) = inodes
