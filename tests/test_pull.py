@@ -195,6 +195,32 @@ def test_ctrl_c_of_a_pull_removes_the_partial_clone(tmp_path: Path) -> None:
     assert not dest.exists()
 
 
+def test_a_terminal_ctrl_c_reaches_the_command_line_alone(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C goes to the whole foreground process group. It comes here as
+    soon as the clone has begun, while the writers may still be starting: they must not
+    die of it (they run in groups of their own), and the answer is 1317, not 8002."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"f{i}").write_bytes(os.urandom(8 << 20))
+    dest = tmp_path / "c"
+    with Donor(src) as donor:
+        proc = subprocess.Popen([*CLI, "pull", f"u@{donor.address}", "--data-dir", str(dest),
+                                 "--buffer-size", "1MiB"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                cwd=ROOT, start_new_session=True)
+        assert proc.stderr is not None
+        first = proc.stderr.readline()  # the first progress line: DROP DATA is done
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.communicate(timeout=60)[1]
+    if proc.returncode == 0:
+        pytest.skip("the clone finished before the signal landed")
+    err = first + rest
+    assert proc.returncode == 1 and "ERROR 1317" in err, err
+    assert "Traceback" not in err and "8002" not in err, err
+    assert not dest.exists()
+
+
 @pytest.mark.parametrize("codec", ["lz4", "zstd"])
 def test_compression_counts_data_and_network_apart(tmp_path: Path, codec: str) -> None:
     src = tmp_path / "src"
