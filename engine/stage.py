@@ -114,7 +114,7 @@ class Channel:
         while True:
             try:
                 chunk = self.sock.recv(_READ, flags)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
                 return got
             except ConnectionResetError:
                 chunk = b""
@@ -180,8 +180,8 @@ def _child_main(sock: socket.socket, target: str, index: int, args: dict[str, An
     pending: deque[list[Any]] = deque()
     handler: Handler | None = None
     try:
-        module, _, name = target.partition(":")
-        handler = getattr(importlib.import_module(module), name)(index, args)
+        module, _, cls = target.partition(":")
+        handler = getattr(importlib.import_module(module), cls)(index, args)
         calm_gc()
         sock.sendall(_frame(["ready", index, None]))
         while True:
@@ -316,7 +316,6 @@ class Pipeline:
         self._finals: dict[int, Any] = {}
         self._ready: set[int] = set()
         self._poll = select.poll()
-        self._polled: set[int] = set()
         self._next_check = 0.0
         self.exitcodes: list[int | None] = []
 
@@ -338,7 +337,6 @@ class Pipeline:
             chan = Channel(mine)
             self._chans.append(chan)
             self._poll.register(chan.fd, select.POLLIN)
-            self._polled.add(chan.fd)
             try:
                 proc = _Worker(f"clone-agent-{self.name}-{i}", theirs)
             finally:
@@ -400,7 +398,6 @@ class Pipeline:
             chan.close()
         self._chans = []
         self._poll = select.poll()
-        self._polled.clear()
         self.exitcodes = [proc.exitcode for proc in self.procs] or self.exitcodes
         for proc in self.procs:
             try:
@@ -463,9 +460,10 @@ class Pipeline:
                 elif chan.eof:
                     if i not in self._finals:
                         self._on_end(i)
-                    if chan.fd in self._polled:  # ended well: nothing more to wait for
-                        self._polled.discard(chan.fd)
+                    try:  # ended well: nothing more to wait for
                         self._poll.unregister(chan.fd)
+                    except KeyError:  # done already
+                        pass
             if not batch:
                 left_ms = int((deadline - time.monotonic()) * 1000)
                 if left_ms > 0:
@@ -477,16 +475,24 @@ class Pipeline:
                     self.check_alive()
                 return
             deadline = 0.0  # drain what came, without waiting again
-            for kind, index, payload in batch:
-                if kind == "done":
-                    self.outstanding[index] -= 1
-                    yield [kind, index, payload]
-                elif kind == "ready":
-                    self._ready.add(index)
-                elif kind == "final":
-                    self._finals[index] = payload
-                elif kind == "crash":
-                    raise self._crash_error(index, payload)
+            for msg in batch:
+                if self._take(msg):
+                    yield msg
+
+    def _take(self, msg: list[Any]) -> bool:
+        """Account for one message from a worker; True for a "done" (the caller's).
+        A "crash" is raised as the error it reports."""
+        kind, index, payload = msg
+        if kind == "done":
+            self.outstanding[index] -= 1
+            return True
+        if kind == "ready":
+            self._ready.add(index)
+        elif kind == "final":
+            self._finals[index] = payload
+        elif kind == "crash":
+            raise self._crash_error(index, payload)
+        return False
 
     def _on_end(self, index: int) -> None:
         """Worker ``index``'s channel closed without its final report: raise its crash
@@ -494,13 +500,8 @@ class Pipeline:
         chan = self._chans[index]
         if not chan.eof:
             chan.fill()
-        for kind, i, payload in chan.messages():
-            if kind == "crash":
-                raise self._crash_error(i, payload)
-            if kind == "final":
-                self._finals[i] = payload
-            elif kind == "ready":
-                self._ready.add(i)
+        for msg in chan.messages():
+            self._take(msg)  # a crash report raises here
         if index in self._finals:
             return
         proc = self.procs[index]

@@ -173,12 +173,18 @@ def test_sigterm_stops_the_donor_cleanly(tree: Path) -> None:
     assert "Traceback" not in donor.stderr
 
 
-def test_ctrl_c_of_a_pull_removes_the_partial_clone(tmp_path: Path) -> None:
+def _big_source(tmp_path: Path) -> tuple[Path, Path]:
+    """48 MiB in six files (a clone that lasts long enough to be interrupted), and
+    where its clone goes."""
     src = tmp_path / "src"
     src.mkdir()
     for i in range(6):
         (src / f"f{i}").write_bytes(os.urandom(8 << 20))
-    dest = tmp_path / "c"
+    return src, tmp_path / "c"
+
+
+def test_ctrl_c_of_a_pull_removes_the_partial_clone(tmp_path: Path) -> None:
+    src, dest = _big_source(tmp_path)
     with Donor(src) as donor:
         proc = subprocess.Popen([*CLI, "pull", f"u@{donor.address}", "--data-dir", str(dest),
                                  "--max-concurrency", "1", "--buffer-size", "1MiB"],
@@ -199,11 +205,7 @@ def test_a_terminal_ctrl_c_reaches_the_command_line_alone(tmp_path: Path) -> Non
     """A terminal's Ctrl-C goes to the whole foreground process group. It comes here as
     soon as the clone has begun, while the writers may still be starting: they must not
     die of it (they run in groups of their own), and the answer is 1317, not 8002."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(6):
-        (src / f"f{i}").write_bytes(os.urandom(8 << 20))
-    dest = tmp_path / "c"
+    src, dest = _big_source(tmp_path)
     with Donor(src) as donor:
         proc = subprocess.Popen([*CLI, "pull", f"u@{donor.address}", "--data-dir", str(dest),
                                  "--buffer-size", "1MiB"],
