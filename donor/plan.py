@@ -37,10 +37,13 @@ class Entry:
     mode: int
     mtime_ns: int
     target: str = ""
+    dense: bool = False  #: a regular file with no holes: the recipient may preallocate it
 
     def wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "t": self.kind, "s": self.size,
                                "m": self.mode, "mt": self.mtime_ns}
+        if self.dense:
+            out["dn"] = 1
         try:
             self.rel.encode("utf-8")
             out["p"] = self.rel
@@ -77,7 +80,8 @@ def scan(root: str, skip: tuple[str, ...] = ()) -> list[Entry]:
                 subdirs.append((child.path, rel))
             elif stat.S_ISREG(st.st_mode):
                 entries.append(
-                    Entry(len(entries), "f", rel, child.path, st.st_size, mode, st.st_mtime_ns)
+                    Entry(len(entries), "f", rel, child.path, st.st_size, mode, st.st_mtime_ns,
+                          dense=st.st_blocks * 512 >= st.st_size)
                 )
             elif stat.S_ISLNK(st.st_mode):
                 entries.append(Entry(len(entries), "l", rel, child.path, 0, mode, st.st_mtime_ns,

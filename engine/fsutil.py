@@ -6,6 +6,7 @@ directory, fsync, rename, fsync the directory.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -75,6 +76,22 @@ def syncfs(path: str) -> None:
             raise OSError(err, os.strerror(err), path)
     finally:
         os.close(fd)
+
+
+def preallocate(fd: int, size: int) -> bool:
+    """Allocate the first ``size`` bytes of ``fd`` on disk (unwritten: they read as
+    zeros) and set its size, so that later writes neither extend it nor allocate: the
+    ``fallocate`` system call itself, never glibc's ``posix_fallocate``, which writes
+    zeros where a file system cannot. False where it cannot (tmpfs before 2.6.38, NFS
+    before 4.2, some FUSE); a full disk raises ENOSPC now rather than mid-copy."""
+    import ctypes
+
+    if libc().fallocate(fd, 0, ctypes.c_int64(0), ctypes.c_int64(size)) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 def check_relpath(name: object) -> str:
