@@ -286,8 +286,6 @@ class Pull:
                     limits[key] = stack.enter_context(RateLimit.create(mib)).name
             writer_args = {"ring": ring.name, "capacity": ring.capacity,
                            "slot_size": ring.slot_size, "root": dest, **limits}
-            writers = stack.enter_context(Pipeline(
-                "writer", "recipient.writer:Writer", o.writers, writer_args))
             self.streams.append(dealer(self.ctx, url))
             self._send(0, P.INIT, {"version": PROTOCOL_VERSION, "user": o.user,
                                    "password": o.password or "", "agent": "clone-agent",
@@ -297,6 +295,9 @@ class Pull:
                                    "block_size": self.block_size,
                                    "compression": o.config.compression_algorithm
                                    if o.config.enable_compression else "none"})
+            # The writers start while the donor scans its data directory for CONFIG.
+            writers = stack.enter_context(Pipeline(
+                "writer", "recipient.writer:Writer", o.writers, writer_args))
             # The coordinator writes what arrives for a writer still starting (about a
             # tenth of a second of imports): the first blocks need not wait for it.
             self.local = Writer(-1, writer_args)
