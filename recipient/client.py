@@ -171,7 +171,9 @@ class Pull:
         self.recovery: dict[str, Any] | None = None
         #: writes, in this process, the blocks of a writer still starting (_on_block)
         self.local: Writer | None = None
-        self.local_done: list[list[int]] = []  #: its answers, [seq, slot], for _written
+        #: answers, [seq, slot], taken before _written: the coordinator's own, and the
+        #: writers' read while looking for a writer's "ready"
+        self.answers: list[list[int]] = []
         self.block_size = 0  #: asked for in INIT, as the donor's CONFIG confirms it
         self.paged = False  #: a page store's clone: PAGE COPY and REDO COPY follow
 
@@ -619,11 +621,15 @@ class Pull:
         writer = hash(out[0][0].rpartition("/")[0]) % writers.n if len(out) > 1 \
             else writers.least_loaded()
         work = ["write", seq, slot, length, xxh, comp, raw, out]
+        if not writers.is_ready(writer):
+            # Its "ready" may wait unread in its channel (nothing read the writers while
+            # the manifest came): read them now rather than write here for nothing.
+            self.answers += [payload for _, _, payload in writers.events()]
         if writers.is_ready(writer):
             writers.submit(writer, work)
         else:
             assert self.local is not None
-            self.local_done.append(self.local.handle(work))
+            self.answers.append(self.local.handle(work))
 
     def _written(self, writers: Pipeline) -> list[list[int]]:
         """``[seq, slot]`` of every block written since the last call: by the writers,
@@ -631,9 +637,9 @@ class Pull:
         before the writers are up (they boot while the handshake and the manifest
         travel), and the first blocks would otherwise wait for them in the ring."""
         done = [payload for _, _, payload in writers.events()]
-        if self.local_done:
-            done += self.local_done
-            self.local_done = []
+        if self.answers:
+            done += self.answers
+            self.answers = []
         if not writers.all_ready and time.monotonic() - self.started > WRITERS_READY_TIMEOUT:
             raise StageCrashed("writer", f"not ready within {WRITERS_READY_TIMEOUT:.0f} s")
         return done
