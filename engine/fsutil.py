@@ -83,10 +83,14 @@ def preallocate(fd: int, size: int) -> bool:
     zeros) and set its size, so that later writes neither extend it nor allocate: the
     ``fallocate`` system call itself, never glibc's ``posix_fallocate``, which writes
     zeros where a file system cannot. False where it cannot (tmpfs before 2.6.38, NFS
-    before 4.2, some FUSE); a full disk raises ENOSPC now rather than mid-copy."""
+    before 4.2, some FUSE, not Linux); a full disk raises ENOSPC now rather than mid-copy."""
     import ctypes
 
-    if libc().fallocate(fd, 0, ctypes.c_int64(0), ctypes.c_int64(size)) == 0:
+    try:
+        fallocate = libc().fallocate
+    except AttributeError:  # not Linux
+        return False
+    if fallocate(fd, 0, ctypes.c_int64(0), ctypes.c_int64(size)) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EOPNOTSUPP, errno.ENOSYS):
