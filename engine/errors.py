@@ -9,6 +9,7 @@ README. Retryable-or-fatal is an attribute (``retryable``), never a match on tex
 
 from __future__ import annotations
 
+import errno as errno_
 import traceback
 from typing import Any, ClassVar
 
@@ -276,6 +277,12 @@ def outcome_of(exc: BaseException) -> dict[str, Any]:
 def from_oserror(exc: OSError, what: str) -> LocalIOError:
     """Translate an OSError at the edge into a clear LocalIOError."""
     reason = exc.strerror or str(exc)
-    err = LocalIOError(f"{what}: {reason}")
+    hint = {
+        errno_.ENOSPC: "the file system is full: free space there, or choose another one",
+        errno_.EDQUOT: "the disk quota is used up: free space, or raise the quota",
+        errno_.EACCES: "check the permissions of the directory and its parents",
+        errno_.EROFS: "the file system is mounted read-only",
+    }.get(exc.errno or 0)
+    err = LocalIOError(f"{what}: {reason}", hint=hint)
     err.__cause__ = exc
     return err

@@ -70,7 +70,8 @@ def test_a_clone_bigger_than_the_disk_fails_before_its_data(tmp_path: Path) -> N
             res = run_cli("pull", f"u@{donor.address}", "--data-dir", str(dest), "--json")
         assert res.returncode != 0
         assert "No space left on device" in res.stderr and "Traceback" not in res.stderr
-        assert res.stderr.startswith("ERROR ")
+        assert res.stderr.startswith("ERROR 8002 (HY000): ")
+        assert "hint: the file system is full" in res.stderr
         assert not dest.exists()  # nothing half-written is left
         events = [line for line in res.stdout.splitlines() if '"data"' in line]
         assert all('"data":0,' in line or '"data": 0,' in line for line in events)
