@@ -56,7 +56,7 @@ class Manifest:
         self.dirs: set[str] = set()
         self.names: set[str] = set()
         self.total_bytes = 0
-        self.preallocate = True  #: until the file system refuses it
+        self.can_preallocate = True  #: until the file system refuses it
 
     def add_page(self, body: dict[str, Any]) -> bool:
         entries = P.want(body, "entries", list)
@@ -107,10 +107,10 @@ class Manifest:
             os.mkdir(rel, 0o700, dir_fd=self._root_fd())
         elif kind == "f":
             self.total_bytes += size
-            if self.preallocate and size >= PREALLOCATE_MIN and raw.get("dn") == 1:
+            if self.can_preallocate and size >= PREALLOCATE_MIN and raw.get("dn") == 1:
                 fd = os.open(rel, OPEN_FLAGS, 0o600, dir_fd=self._root_fd())
                 try:
-                    self.preallocate = preallocate(fd, size)
+                    self.can_preallocate = preallocate(fd, size)
                 finally:
                     os.close(fd)
 
