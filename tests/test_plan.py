@@ -39,11 +39,24 @@ def test_every_byte_of_every_file_is_planned_once(tmp_path: Path) -> None:
 def test_small_file_batches_are_spread_among_big_blocks(tmp_path: Path) -> None:
     _tree(tmp_path)
     blocks = plan(scan(str(tmp_path)))
-    kinds = ["batch" if "/small/" in b[0][1] else "big" for b in blocks]
-    assert kinds.count("batch") >= 3 and kinds.count("big") == 4
+    kinds = ["big" if len(b) == 1 and b[0][3] == BLOCK_SIZE else "batch" for b in blocks]
+    assert kinds.count("batch") >= 3 and kinds.count("big") == 3
     # not all batches at the end: a big block comes after the first batch
     first_batch = kinds.index("batch")
     assert "big" in kinds[first_batch:]
     # big blocks of a file keep their order
-    offsets = [b[0][2] for b in blocks if "big" in b[0][1]]
+    offsets = [b[0][2] for b, kind in zip(blocks, kinds, strict=True) if kind == "big"]
     assert offsets == sorted(offsets)
+
+
+def test_a_big_files_tail_travels_in_a_batch(tmp_path: Path) -> None:
+    """The 5 bytes after big/a.ibd's three whole blocks go with the small files, not
+    in a block of their own."""
+    _tree(tmp_path)
+    blocks = plan(scan(str(tmp_path)))
+    pieces = [(b, seg) for b in blocks for seg in b if seg[1].endswith("a.ibd")]
+    assert sorted((seg[2], seg[3]) for _, seg in pieces) == [
+        (0, BLOCK_SIZE), (BLOCK_SIZE, BLOCK_SIZE), (2 * BLOCK_SIZE, BLOCK_SIZE),
+        (3 * BLOCK_SIZE, 5)]
+    tail_block = next(b for b, seg in pieces if seg[3] == 5)
+    assert len(tail_block) > 1 and all("/small/" in seg[1] for seg in tail_block[1:])
