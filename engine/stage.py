@@ -258,7 +258,8 @@ class _Worker:
         # group) reaches the command line alone, which decides (STYLE.md 8); a worker
         # still starting would otherwise die of it before it could ignore it. -S: no site
         # module (its .pth files, an editable install's import hook): the path it would
-        # build comes on PYTHONPATH, and a worker starts in 0.04 instead of 0.055 CPU s.
+        # build comes on PYTHONPATH, and a worker starts in about 0.05 instead of 0.06
+        # CPU s.
         self._proc = subprocess.Popen(
             [sys.executable, "-S", "-m", "engine.worker", str(sock.fileno())],
             pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, env=_worker_env(),
