@@ -243,16 +243,11 @@ def _worker_path() -> list[str]:
     return [root, *(p or os.getcwd() for p in sys.path)]
 
 
-def _worker_env() -> dict[str, str]:
-    """The environment of a worker: ours, with :func:`_worker_path` as PYTHONPATH."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(_worker_path())}
-
-
 class _Worker:
     """One worker process (``subprocess.Popen``), with the handful of
     ``multiprocessing.Process`` attributes the pool uses."""
 
-    def __init__(self, name: str, sock: socket.socket) -> None:
+    def __init__(self, name: str, sock: socket.socket, path: list[str]) -> None:
         self.name = name
         # A process group of its own: a Ctrl-C at the terminal (sent to the foreground
         # group) reaches the command line alone, which decides (STYLE.md 8); a worker
@@ -262,7 +257,8 @@ class _Worker:
         # CPU s.
         self._proc = subprocess.Popen(
             [sys.executable, "-S", "-m", "engine.worker", str(sock.fileno())],
-            pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, env=_worker_env(),
+            pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(path)},
             process_group=0)
         self.pid = self._proc.pid
         self._pidfd: int | None = None
@@ -340,18 +336,19 @@ class Pipeline:
         self.close(abort=exc is not None)
 
     def start(self) -> None:
+        path = _worker_path()  # on PYTHONPATH, to find engine.worker; in the record, exact
         for i in range(self.n):
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             chan = Channel(mine)
             self._chans.append(chan)
             self._poll.register(chan.fd, select.POLLIN)
             try:
-                proc = _Worker(f"clone-agent-{self.name}-{i}", theirs)
+                proc = _Worker(f"clone-agent-{self.name}-{i}", theirs, path)
             finally:
                 theirs.close()  # the child has its own copy now
             self.procs.append(proc)
             # Its start record waits in the channel until the interpreter is up.
-            chan.send([_worker_path(), [self.target, i, self.args, os.getpid(), self.name]])
+            chan.send([path, [self.target, i, self.args, os.getpid(), self.name]])
 
     def close(self, abort: bool = False) -> dict[int, Any]:
         """End every worker: stop (unless aborting), join, terminate, kill. Idempotent."""
