@@ -145,7 +145,7 @@ def workload(
     with _errors():
         with PageStore(str(datadir)) as store, StopFlag("the workload") as stop:
             first = store.last_txn + 1
-            load = Workload(store, rate=rate, seed=seed, ddl_timeout=lambda: ddl_timeout)
+            load = Workload(store, rate=rate, seed=seed, ddl_timeout=float(ddl_timeout))
             load.run(stop, duration)
         sys.stdout.write(f"workload: transactions {first}..{store.last_txn} "
                          f"({load.stats.txns} at {load.stats.tps():.0f}/s)\n")

@@ -220,7 +220,7 @@ class DonorServer:
         if self.workload_rate is None or self.store is None:
             return
         self.workload = Workload(self.store, rate=self.workload_rate,
-                                 ddl_timeout=self._ddl_timeout, ddl_every=self.ddl_every,
+                                 ddl_every=self.ddl_every,
                                  ddl_hold=float(self.faults.get("ddl_hold", 0)))
 
         def run() -> None:
@@ -235,11 +235,6 @@ class DonorServer:
         self._workload_thread.start()
         log.info("live workload running at %s", f"{self.workload_rate} TPS"
                  if self.workload_rate else "full speed")
-
-    def _ddl_timeout(self) -> float:
-        """DDL waits on the backup lock at most the running clone's clone_ddl_timeout."""
-        s = self.session
-        return float(s.ddl_timeout) if s is not None else 300.0
 
     def workload_alive(self) -> bool:
         return self._workload_thread is not None and self._workload_thread.is_alive()

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,12 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.errors import DatabaseExists, DataDirectoryLocked
+from engine.errors import DatabaseExists, DataDirectoryLocked, LockWaitTimeout
 from engine.pagestore import PageStore, Workload, init_datadir, verify
 from engine.pagestore.bank import BANK_SPACE, RECORD, START_BALANCE, account_place
 from engine.pagestore.page import check_page, file_header_page, is_free, page_checksum, seal
 from engine.pagestore.redo import frame, log_files, rec_commit, rec_write, scan_log
-from engine.pagestore.store import REDO_DIR, read_control
+from engine.pagestore.store import REDO_DIR, BackupLock, read_control
 from tests.helpers import CLI, ROOT, run_cli
 
 
@@ -37,6 +38,35 @@ def test_page_header_and_checksum() -> None:
     assert check_page(page, 7, 3) == "checksum mismatch"
     header = file_header_page(16384, 9, 0)
     assert header[32:48] == b"CLONEAGENT-SPACE" and check_page(header, 9, 0) is None
+
+
+def test_a_ddl_waits_at_most_the_holding_clones_timeout() -> None:
+    """The DDL's bound is the clone's clone_ddl_timeout, read under the lock: a DDL that
+    asks while a clone is taking the lock gives up in time, not after the clone."""
+    lock = BackupLock()
+    lock.acquire_clone(0.2)
+    outcome: list[BaseException | None] = []
+
+    def ddl() -> None:
+        try:
+            lock.acquire_ddl()
+            outcome.append(None)
+        except LockWaitTimeout as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=ddl)
+    asked = time.monotonic()
+    t.start()
+    t.join(30)
+    waited = time.monotonic() - asked
+    assert len(outcome) == 1 and isinstance(outcome[0], LockWaitTimeout)
+    assert waited >= 0.2
+    lock.release_clone()
+    lock.acquire_ddl()  # free now: no wait at all
+    with pytest.raises(LockWaitTimeout):
+        lock.acquire_clone(0.05)  # and a clone waits for the DDL at most its own timeout
+    lock.release_ddl()
+    lock.acquire_clone(0)
 
 
 def test_redo_scan_stops_at_a_torn_frame(tmp_path: Path) -> None:

@@ -172,14 +172,14 @@ class Workload:
     """Bank transfers against an open store; ``run`` until told to stop."""
 
     def __init__(self, store: PageStore, rate: int = 0, seed: int = 0,
-                 ddl_timeout: Callable[[], float] = lambda: 300.0,
+                 ddl_timeout: float | None = None,
                  ddl_every: float = 3.0, extend_every: int = 500,
                  ddl_hold: float = 0.0) -> None:
         self.store = store
         self.rate = rate
         self.rng = random.Random(seed * 1_000_003 + store.last_txn)
         self.accounts = int(store.control.get("accounts", 10000))
-        self.ddl_timeout = ddl_timeout
+        self.ddl_timeout = ddl_timeout  # None: a running clone's clone_ddl_timeout
         self.ddl_every = ddl_every
         self.extend_every = extend_every
         self.ddl_hold = ddl_hold  # fault point (tests): a DDL that keeps the lock this long
@@ -234,9 +234,9 @@ class Workload:
         mine = [sp for sp in s.spaces.values() if sp.path.startswith("test/")]
         try:
             if len(mine) >= 3 or (mine and self.rng.random() < 0.5):
-                s.drop_space(self.rng.choice(mine).id, self.ddl_timeout())
+                s.drop_space(self.rng.choice(mine).id, self.ddl_timeout)
             else:
-                s.create_space(f"test/wl_{s.next_space_id}.ibd", 8, self.ddl_timeout(),
+                s.create_space(f"test/wl_{s.next_space_id}.ibd", 8, self.ddl_timeout,
                                hold=self.ddl_hold)
             self.stats.ddl += 1
         except LockWaitTimeout as exc:
@@ -250,7 +250,9 @@ class Workload:
             self._run(should_stop, duration)
         finally:
             if self._ddl_thread is not None:
-                self._ddl_thread.join(self.ddl_timeout() + 60)
+                bound = self.ddl_timeout if self.ddl_timeout is not None \
+                    else self.store.backup_lock.clone_ddl_timeout
+                self._ddl_thread.join(bound + self.ddl_hold + 60)
 
     _ddl_thread: threading.Thread | None = None
 

@@ -129,32 +129,40 @@ class Archiver:
 
 
 class BackupLock:
-    """Clone holds it shared; DDL needs it free and waits at most its timeout (MySQL's
-    backup lock, clone_ddl_timeout)."""
+    """Clone holds it shared; DDL needs it free (MySQL's backup lock). A clone waits for
+    a DDL at most its clone_ddl_timeout; a DDL waits for the clones at most the same
+    clone_ddl_timeout of the clone holding the lock, read when it finds the lock held,
+    so a DDL that asks just as a clone takes the lock still gives up in time."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self.clones = 0
         self.ddl = 0
-
-    def _wait(self, ready: Any, timeout: float) -> bool:
-        return self._cond.wait_for(ready, timeout=timeout)
+        self.clone_ddl_timeout = 0.0
 
     def acquire_clone(self, timeout: float) -> None:
         with self._cond:
-            if not self._wait(lambda: self.ddl == 0, timeout):
+            if not self._cond.wait_for(lambda: self.ddl == 0, timeout=timeout):
                 raise LockWaitTimeout()
             self.clones += 1
+            self.clone_ddl_timeout = max(self.clone_ddl_timeout, timeout) \
+                if self.clones > 1 else timeout
 
     def release_clone(self) -> None:
         with self._cond:
             self.clones = max(0, self.clones - 1)
             self._cond.notify_all()
 
-    def acquire_ddl(self, timeout: float) -> None:
+    def acquire_ddl(self, timeout: float | None = None) -> None:
+        """``timeout`` None: the holding clone's clone_ddl_timeout."""
         with self._cond:
-            if not self._wait(lambda: self.clones == 0, timeout):
-                raise LockWaitTimeout()
+            asked = time.monotonic()
+            while self.clones:
+                limit = self.clone_ddl_timeout if timeout is None else timeout
+                left = asked + limit - time.monotonic()
+                if left <= 0:
+                    raise LockWaitTimeout()
+                self._cond.wait(left)
             self.ddl += 1
 
     def release_ddl(self) -> None:
@@ -462,7 +470,8 @@ class PageStore:
         write_control(self.root, self.control)
 
     # -- DDL -----------------------------------------------------------------------
-    def create_space(self, path: str, pages: int, ddl_timeout: float, hold: float = 0.0) -> int:
+    def create_space(self, path: str, pages: int, ddl_timeout: float | None = None,
+                     hold: float = 0.0) -> int:
         """CREATE TABLESPACE: waits on the backup lock while a clone runs. ``hold`` keeps
         the lock that long first (a slow DDL, for tests)."""
         self.backup_lock.acquire_ddl(ddl_timeout)
@@ -478,7 +487,7 @@ class PageStore:
         finally:
             self.backup_lock.release_ddl()
 
-    def drop_space(self, sid: int, ddl_timeout: float) -> None:
+    def drop_space(self, sid: int, ddl_timeout: float | None = None) -> None:
         self.backup_lock.acquire_ddl(ddl_timeout)
         try:
             with self.latch:
