@@ -34,7 +34,7 @@ import psutil
 
 from bench import datasets
 from bench.demo import ServeProcess, free_port
-from engine.errors import UsageError
+from engine.errors import LocalIOError, UsageError
 from engine.fsutil import syncfs
 
 GiB = 1 << 30
@@ -220,6 +220,10 @@ def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None,
     rounds = rounds or (2 if quick else 5)
     results: list[Result] = []
     base = Path(os.environ.get("CLONE_AGENT_BENCH_DIR") or tempfile.gettempdir())
+    if not base.is_dir():
+        raise LocalIOError(f"the bench directory '{base}' is not a directory",
+                           hint="create it, or point CLONE_AGENT_BENCH_DIR at a directory "
+                                "on the file system to measure")
     extra: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="clone-agent-bench-", dir=base) as tmp:
         for shape, make in shapes.items():

@@ -98,6 +98,15 @@ def test_destination_rules(tree: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "no").exists()
 
 
+def test_bench_refuses_a_missing_bench_directory(tmp_path: Path) -> None:
+    res = run_cli("bench", "--quick", "--shape", "mixed",
+                  env={"CLONE_AGENT_BENCH_DIR": str(tmp_path / "missing")})
+    assert res.returncode == 1
+    assert "ERROR 8002 (HY000): File operation failed: the bench directory" in res.stderr
+    assert "hint: " in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "missing").exists()
+
+
 def test_valid_donor_list_is_checked_before_anything_is_created(tmp_path: Path) -> None:
     dest = tmp_path / "c"
     res = run_cli("pull", "u@127.0.0.1:3310", "--data-dir", str(dest),
