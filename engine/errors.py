@@ -10,7 +10,6 @@ README. Retryable-or-fatal is an attribute (``retryable``), never a match on tex
 from __future__ import annotations
 
 import errno as errno_
-import traceback
 from typing import Any, ClassVar
 
 EXIT_OK = 0
@@ -270,8 +269,14 @@ def outcome_of(exc: BaseException) -> dict[str, Any]:
         "type": type(exc).__name__,
         "errno": errno,
         "message": exc.message if isinstance(exc, CloneError) else f"{type(exc).__name__}: {exc}",
-        "traceback": "".join(traceback.format_exception(exc)),
+        "traceback": _format(exc),
     }
+
+
+def _format(exc: BaseException) -> str:
+    import traceback  # here, not at the top: a worker imports this module at every start
+
+    return "".join(traceback.format_exception(exc))
 
 
 def from_oserror(exc: OSError, what: str) -> LocalIOError:

@@ -35,14 +35,12 @@ worker whose coordinator vanished exits by itself within a second.
 from __future__ import annotations
 
 import importlib
-import logging
 import marshal
 import os
 import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 from collections import deque
@@ -51,7 +49,15 @@ from typing import Any, Protocol
 
 from engine.errors import CloneError, StageCrashed, by_number, outcome_of
 
-log = logging.getLogger("clone_agent.stage")
+
+def _log() -> Any:
+    """The coordinator's logger. logging and subprocess are imported where the
+    coordinator uses them, not at the top: a worker imports this module first and
+    needs neither (with engine.errors' traceback, a third of each worker's imports)."""
+    import logging
+
+    return logging.getLogger("clone_agent.stage")
+
 
 # Descriptors are marshal'd, not JSON: a file name that is not UTF-8 is a str with
 # surrogate escapes here (os.fsdecode), which JSON cannot carry; marshal carries any
@@ -255,6 +261,8 @@ class _Worker:
         # module (its .pth files, an editable install's import hook): the path it would
         # build comes on PYTHONPATH, and a worker starts in about 0.05 instead of 0.06
         # CPU s.
+        import subprocess
+
         self._proc = subprocess.Popen(
             [sys.executable, "-S", "-m", "engine.worker", str(sock.fileno())],
             pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL,
@@ -278,6 +286,8 @@ class _Worker:
         return self._pidfd
 
     def join(self, timeout: float) -> None:
+        import subprocess
+
         try:
             self._proc.wait(max(0.0, timeout))
         except subprocess.TimeoutExpired:
@@ -389,12 +399,12 @@ class Pipeline:
             proc.join(max(0.0, deadline - time.monotonic()))
         for proc in self.procs:
             if proc.exitcode is None:
-                (log.debug if quiet else log.warning)(
+                (_log().debug if quiet else _log().warning)(
                     "%s did not stop in time; terminating it", proc.name)
                 proc.terminate()
                 proc.join(2.0)
             if proc.exitcode is None:
-                log.warning("%s ignored SIGTERM; killing it", proc.name)
+                _log().warning("%s ignored SIGTERM; killing it", proc.name)
                 proc.kill()
                 proc.join(2.0)
 
@@ -542,7 +552,7 @@ class Pipeline:
             err = by_number(int(outcome["errno"]), outcome["message"])
         else:
             err = StageCrashed(f"{self.name}-{index}", outcome["message"])
-        log.debug("worker %s-%d traceback:\n%s", self.name, index, outcome.get("traceback"))
+        _log().debug("worker %s-%d traceback:\n%s", self.name, index, outcome.get("traceback"))
         return err
 
     def sentinels(self) -> list[int]:

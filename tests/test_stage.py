@@ -152,3 +152,21 @@ def test_a_descriptor_bigger_than_the_socket_buffer_goes_through() -> None:
             pool.submit(0, ["work", big + str(i)])
         got = _collect(pool, 3)
         assert [ev[2][1] for ev in got] == [big + str(i) for i in range(3)]
+
+
+def test_a_worker_boots_without_the_coordinators_modules() -> None:
+    """Workers start for every clone; what only a coordinator uses (logging, subprocess,
+    traceback: a third of a worker's imports) is imported where it is used."""
+    import subprocess
+    import sys
+
+    from engine.stage import _worker_path
+
+    probe = ("import sys, engine.stage, recipient.writer, donor.reader, donor.compressor; "
+             "print(' '.join(m for m in ('logging', 'subprocess', 'traceback') "
+             "if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(_worker_path())}
+    res = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == []
