@@ -241,8 +241,6 @@ class Pull:
             raise from_oserror(exc, f"creating {dest}") from None
         try:
             self.book.begin()  # In Progress, error 1317, durable from the first save
-            self.book.attach(dest)
-            self._emit_status()
             result = self._clone(dest)
         except BaseException as exc:
             err = exc if isinstance(exc, CloneError) else (
@@ -304,6 +302,10 @@ class Pull:
             # tenth of a second of imports): the first blocks need not wait for it.
             self.local = Writer(-1, writer_args)
             stack.callback(self.local.close)
+            # The status under the destination, durable (three fsyncs), while the donor
+            # scans: from here a crash leaves "In Progress", error 1317, for `status`.
+            self.book.attach(dest)
+            self._emit_status()
             try:
                 cfg = self._wait(0, o.connect_timeout, "INIT")
             except NetworkError as exc:
