@@ -250,8 +250,7 @@ class Workload:
             self._run(should_stop, duration)
         finally:
             if self._ddl_thread is not None:
-                bound = self.ddl_timeout if self.ddl_timeout is not None \
-                    else self.store.backup_lock.clone_ddl_timeout
+                bound = self.store.backup_lock.ddl_limit(self.ddl_timeout)
                 self._ddl_thread.join(bound + self.ddl_hold + 60)
 
     _ddl_thread: threading.Thread | None = None

@@ -153,13 +153,16 @@ class BackupLock:
             self.clones = max(0, self.clones - 1)
             self._cond.notify_all()
 
+    def ddl_limit(self, timeout: float | None) -> float:
+        """How long a DDL waits: ``timeout``, or (None) the holding clone's
+        clone_ddl_timeout."""
+        return self.clone_ddl_timeout if timeout is None else timeout
+
     def acquire_ddl(self, timeout: float | None = None) -> None:
-        """``timeout`` None: the holding clone's clone_ddl_timeout."""
         with self._cond:
             asked = time.monotonic()
             while self.clones:
-                limit = self.clone_ddl_timeout if timeout is None else timeout
-                left = asked + limit - time.monotonic()
+                left = asked + self.ddl_limit(timeout) - time.monotonic()
                 if left <= 0:
                     raise LockWaitTimeout()
                 self._cond.wait(left)
