@@ -16,7 +16,11 @@ from engine.errors import UnsafeName
 MAX_NAME = 4096  #: bytes in a relative path
 MAX_COMPONENT = 255  #: bytes in one path component
 MAX_DEPTH = 256  #: components in a relative path
-RESERVED_TOP = ("#clone",)  #: names the donor may not send at the top level
+#: Names the donor may not send at the top level: the recipient's own working folders.
+RESERVED_TOP = ("#clone", "#ib_archive")
+#: Reserved as well in a page store's clone: RECOVERY writes the redo log and the
+#: control file there, so nothing the donor sends may stand in its place.
+RESERVED_PAGED = (*RESERVED_TOP, "#ib_redo")
 
 
 def fsync_dir(path: str) -> None:
@@ -98,11 +102,11 @@ def preallocate(fd: int, size: int) -> bool:
     raise OSError(err, os.strerror(err))
 
 
-def check_relpath(name: object) -> str:
+def check_relpath(name: object, reserved: tuple[str, ...] = RESERVED_TOP) -> str:
     """Return ``name`` if it is a safe relative path inside a destination, else raise.
 
     Refused: non-strings, empty, absolute, NUL, ``.`` or ``..`` components, empty
-    components (``a//b``), trailing slash, over-long names, the reserved ``#clone``.
+    components (``a//b``), trailing slash, over-long names, a ``reserved`` top folder.
     """
     if not isinstance(name, str):
         raise UnsafeName("file name is not a string")
@@ -129,9 +133,63 @@ def check_relpath(name: object) -> str:
         if len(part) > MAX_COMPONENT:
             raise UnsafeName(f"file name component of {len(part)} bytes in {name[:80]!r}")
     top = name.partition("/")[0]
-    if top in RESERVED_TOP:
+    if top in reserved:
         raise UnsafeName(f"file name {name!r} uses the reserved '{top}' folder")
     return name
+
+
+#: What a path beneath a root may not pass through: a symbolic link (ELOOP from
+#: O_NOFOLLOW) or something that is not a directory where one is needed (ENOTDIR).
+ESCAPE_ERRNOS = (errno.ELOOP, errno.ENOTDIR)
+
+
+def _walk_beneath(root: str, rel: str, make_parents: bool) -> tuple[int, str]:
+    """An open descriptor of ``rel``'s parent beneath ``root`` and its last component.
+
+    Each component is opened with O_NOFOLLOW relative to the one before it, so that no
+    symbolic link anywhere in the path, planted before or during the walk, can lead out
+    of ``root`` (openat2's RESOLVE_BENEATH, which Python does not expose, done by hand).
+    ``rel`` must have passed :func:`check_relpath`. The caller closes the descriptor."""
+    parts = rel.split("/")
+    dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            if make_parents:
+                try:
+                    os.mkdir(part, 0o750, dir_fd=dfd)
+                except FileExistsError:
+                    pass
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=dfd)
+            os.close(dfd)
+            dfd = nfd
+    except BaseException:
+        os.close(dfd)
+        raise
+    return dfd, parts[-1]
+
+
+def open_beneath(root: str, rel: str, flags: int, mode: int = 0o640,
+                 make_parents: bool = False) -> int:
+    """``os.open`` of ``root/rel`` that never follows a link at any component.
+
+    Raises OSError with an errno of :data:`ESCAPE_ERRNOS` where the path goes through
+    a link or a non-directory; ``make_parents`` creates missing directories (0750)."""
+    dfd, last = _walk_beneath(root, rel, make_parents)
+    try:
+        return os.open(last, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
+def unlink_beneath(root: str, rel: str) -> None:
+    """``os.unlink`` of ``root/rel`` without following a link at any component (a link
+    as the last component is itself removed, never its target)."""
+    dfd, last = _walk_beneath(root, rel, make_parents=False)
+    try:
+        os.unlink(last, dir_fd=dfd)
+    finally:
+        os.close(dfd)
 
 
 def remove_tree(path: str) -> None:

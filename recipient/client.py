@@ -331,7 +331,7 @@ class Pull:
             st = self.book.begin_stage("FILE COPY", estimate=P.want(cfg.body, "bytes", int, 0),
                                        threads=1)
             self._emit_stage("FILE COPY")
-            self.manifest = Manifest(dest, total_files)
+            self.manifest = Manifest(dest, total_files, self.paged)
             # Autotuning starts with START_STREAMS and adds more while they pay (tuner.py).
             self.autotune = o.config.autotune_concurrency and n_streams > START_STREAMS
             self.tuner = Tuner(n_streams, self._limit_bytes())
@@ -450,7 +450,7 @@ class Pull:
         assert self.manifest is not None
         files = {i.rel for i in self.manifest.items.values() if i.kind == "f" and not i.internal}
         try:
-            result = recover_clone(dest, point, REDO_NAME, files)
+            result = recover_clone(dest, point, REDO_NAME, files, self.manifest.names)
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"consistent point malformed: {exc}") from None
         st = self.book.status

@@ -22,7 +22,15 @@ from typing import Any
 
 from engine import protocol as P
 from engine.errors import ProtocolError, UnsafeName
-from engine.fsutil import OPEN_FLAGS, check_relpath, fsync_dir, preallocate, syncfs
+from engine.fsutil import (
+    OPEN_FLAGS,
+    RESERVED_PAGED,
+    RESERVED_TOP,
+    check_relpath,
+    fsync_dir,
+    preallocate,
+    syncfs,
+)
 
 #: Where REDO COPY's archived redo lands until RECOVERY replays it (our name, never the
 #: donor's: names under #clone/ from the network are refused).
@@ -47,7 +55,9 @@ class Item:
 class Manifest:
     """Entries by id, checked one FILES page at a time."""
 
-    def __init__(self, root: str, expected: int) -> None:
+    def __init__(self, root: str, expected: int, paged: bool = False) -> None:
+        """``paged``: a page store's clone, whose RECOVERY writes ``#ib_redo/``: the
+        donor may not send that name either."""
         if not 0 <= expected <= P.MAX_FILES:
             raise ProtocolError(f"manifest of {expected} entries exceeds {P.MAX_FILES}")
         self.root = root
@@ -57,6 +67,7 @@ class Manifest:
         self.names: set[str] = set()
         self.total_bytes = 0
         self.can_preallocate = True  #: until the file system refuses it
+        self.reserved = RESERVED_PAGED if paged else RESERVED_TOP
 
     def add_page(self, body: dict[str, Any]) -> bool:
         entries = P.want(body, "entries", list)
@@ -83,7 +94,7 @@ class Manifest:
                 raise UnsafeName("undecodable file name") from None
         else:
             rel = raw.get("p")
-        rel = check_relpath(rel)
+        rel = check_relpath(rel, self.reserved)
         size = P.want(raw, "s", int, 0, P.MAX_FILE_SIZE)
         mode = P.want(raw, "m", int, 0, 0o7777)
         mtime = P.want(raw, "mt", int, -(1 << 62), 1 << 62)

@@ -14,42 +14,137 @@ the archived redo at start-up:
 
 The result is the donor's state at the clone LSN, and a data directory that the
 workload continues from transaction K+1.
+
+The archive is the donor's word, so it is checked before anything is replayed
+(:func:`check_archive`): every path a record names must pass the manifest's name
+checks, name a tablespace of the manifest or one the archive itself creates, and every
+page a record touches must belong to such a tablespace. The page store then opens each
+path beneath the destination without following links (``engine.fsutil.open_beneath``),
+so that not even a link planted by the manifest can take a write outside it.
 """
 
 from __future__ import annotations
 
 import os
+import struct
+from collections.abc import Collection
 from typing import Any
 
-from engine.errors import ProtocolError
-from engine.fsutil import fsync_dir
+from engine.errors import ProtocolError, UnsafeName
+from engine.fsutil import ESCAPE_ERRNOS, RESERVED_PAGED, check_relpath, fsync_dir
 from engine.pagestore import REDO_DIR, PageStore
-from engine.pagestore.redo import FILE_PREFIX
+from engine.pagestore.redo import (
+    FILE_PREFIX,
+    R_COMMIT,
+    R_INIT,
+    R_SPACE_CREATE,
+    R_SPACE_DROP,
+    R_SPACE_EXTEND,
+    R_WRITE,
+    parse_records,
+    scan_stream,
+)
 from engine.pagestore.store import write_control
+
+#: Pages a tablespace that the archive creates may reach (1 TiB at 64 KiB pages):
+#: a bound on what a record can make the recipient allocate, not a format limit.
+MAX_NEW_PAGES = 1 << 24
+
+
+def _space_id(sid: str) -> int:
+    if not (sid.isdigit() and len(sid) <= 10 and int(sid) < 1 << 32):
+        raise ProtocolError(f"tablespace id {sid[:20]!r}")
+    return int(sid)
+
+
+def check_archive(path: str, archive_lsn: int, registry: dict[int, tuple[str, int]],
+                  names: Collection[str], page_size: int) -> int:
+    """Check every record RECOVERY would replay from the archive at ``path``.
+
+    ``registry``: the tablespaces at the clone LSN (id -> (path, pages)), each already
+    a file of the manifest; ``names``: every name of the manifest. Returns how many
+    mini-transactions were checked; raises :class:`ProtocolError` (3863) at the first
+    record that names a path or a page outside what the clone holds. Reads the same
+    frames, in the same way, as the page store's recovery will."""
+    live = {sid: p for sid, (p, _) in registry.items()}  # as of the record being read
+    created: dict[int, str] = {}  # by the archive itself
+    pages_of = {sid: n for sid, (_, n) in registry.items()}
+    mtrs = 0
+    with open(path, "rb") as fh:
+        for mtr in scan_stream(fh, archive_lsn):
+            mtrs += 1
+            try:
+                records = parse_records(mtr.body)
+            except (ValueError, struct.error) as exc:
+                raise ProtocolError(f"archived redo at LSN {mtr.start_lsn}: {exc}") from None
+            for rec in records:
+                kind, sid = rec[0], rec[1]
+                if kind == R_COMMIT:
+                    continue
+                if kind == R_SPACE_CREATE:
+                    rel = check_relpath(rec[3], RESERVED_PAGED)
+                    if sid in live or sid in created:
+                        if (live.get(sid) or created.get(sid)) != rel:
+                            raise UnsafeName(f"archived redo creates tablespace {sid} as "
+                                             f"{rel!r}, which the clone knows by another name")
+                        continue
+                    if rel in names or rel in live.values() or rel in created.values():
+                        raise UnsafeName(f"archived redo creates tablespace {sid} over "
+                                         f"{rel!r}, a file of the clone")
+                    if rec[2] > MAX_NEW_PAGES:
+                        raise ProtocolError(f"archived redo creates {rec[2]} pages")
+                    created[sid] = live[sid] = rel
+                    pages_of[sid] = MAX_NEW_PAGES
+                elif kind == R_SPACE_DROP:
+                    if live.get(sid) is None or live[sid] != rec[2]:
+                        raise UnsafeName(f"archived redo drops {rec[2][:200]!r}, which is not "
+                                         f"tablespace {sid} of the clone")
+                    del live[sid]
+                elif kind in (R_WRITE, R_INIT, R_SPACE_EXTEND):
+                    if sid not in pages_of:
+                        raise UnsafeName(f"archived redo writes to tablespace {sid}, "
+                                         "which the clone does not hold")
+                    if kind == R_WRITE and rec[3] + len(rec[4]) > page_size:
+                        raise ProtocolError(f"archived redo writes past the end of page "
+                                            f"{rec[2]} of tablespace {sid}")
+                    last = rec[2] if kind == R_SPACE_EXTEND else rec[2] + 1
+                    if last > pages_of[sid]:
+                        raise ProtocolError(f"archived redo writes page {rec[2]} of "
+                                            f"tablespace {sid}, past its {pages_of[sid]} pages")
+    return mtrs
 
 
 def recover_clone(dest: str, point: dict[str, Any], redo_rel: str,
-                  files: set[str]) -> dict[str, Any]:
-    """``files``: the checked names of the manifest; every tablespace must be one."""
+                  files: set[str], names: Collection[str]) -> dict[str, Any]:
+    """``files``: the checked names of the manifest's regular files; every tablespace
+    must be one. ``names``: every name of the manifest."""
     archive_lsn = int(point["archive_lsn"])
     clone_lsn = int(point["clone_lsn"])
     if not 0 < archive_lsn <= clone_lsn:
         raise ProtocolError(f"archive LSN {archive_lsn} after clone LSN {clone_lsn}")
-    redo_dir = os.path.join(dest, REDO_DIR)
-    os.makedirs(redo_dir, mode=0o750, exist_ok=True)
-    os.replace(os.path.join(dest, redo_rel),
-               os.path.join(redo_dir, f"{FILE_PREFIX}{archive_lsn:020d}"))
     spaces = point["spaces"]
     if not isinstance(spaces, dict) or len(spaces) > 100000:
         raise ProtocolError("tablespace registry is not an object")
+    registry: dict[int, tuple[str, int]] = {}
     for sid, info in spaces.items():
-        if not (sid.isdigit() and isinstance(info, dict) and info.get("path") in files
+        if not (isinstance(info, dict) and info.get("path") in files
                 and isinstance(info.get("pages"), int) and 0 <= info["pages"] < 1 << 40):
-            raise ProtocolError(f"tablespace {sid!r} is not a file of the clone")
+            raise ProtocolError(f"tablespace {sid[:20]!r} is not a file of the clone")
+        registry[_space_id(sid)] = (info["path"], info["pages"])
+    if len({path for path, _ in registry.values()}) != len(registry):
+        raise ProtocolError("two tablespaces share a file")
     page_size = point.get("page_size")
     if not isinstance(page_size, int) or page_size & (page_size - 1) or \
             not 4096 <= page_size <= 65536:
         raise ProtocolError(f"page size {page_size!r}")
+    archive = os.path.join(dest, redo_rel)
+    check_archive(archive, archive_lsn, registry, names, page_size)
+    redo_dir = os.path.join(dest, REDO_DIR)
+    try:
+        os.mkdir(redo_dir, 0o750)  # ours alone: the manifest may not name it
+    except FileExistsError:
+        raise UnsafeName(f"{REDO_DIR} exists before RECOVERY made it") from None
+    os.replace(archive, os.path.join(redo_dir, f"{FILE_PREFIX}{archive_lsn:020d}"))
     write_control(dest, {
         "format": 1, "page_size": int(point["page_size"]),
         "server_uuid": str(point["server_uuid"]), "checkpoint_lsn": archive_lsn,
@@ -59,7 +154,13 @@ def recover_clone(dest: str, point: dict[str, Any], redo_rel: str,
         "accounts": int(point.get("accounts", 0)),
     })
     fsync_dir(redo_dir)
-    store = PageStore(dest)
+    try:
+        store = PageStore(dest)
+    except OSError as exc:
+        if exc.errno in ESCAPE_ERRNOS:
+            raise UnsafeName(f"a tablespace path goes through a link or a file: "
+                             f"{exc.strerror}") from None
+        raise
     try:
         if store.lsn != clone_lsn:
             raise ProtocolError(f"redo ends at LSN {store.lsn}, not at the clone LSN {clone_lsn}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,14 @@ class FakeDonor(threading.Thread):
 
     def __init__(self, entries: list[dict[str, Any]], blocks: list[tuple[dict[str, Any], bytes]],
                  announce_files: int | None = None, extra_blocks: int = 0,
-                 block_size: int = 1 << 20, files_page: int = 0) -> None:
+                 block_size: int = 1 << 20, files_page: int = 0,
+                 states: dict[str, tuple[dict[str, Any], list[tuple[dict, bytes]]]] | None = None
+                 ) -> None:
+        """``states``: a page store's clone, by state name (PAGE COPY, REDO COPY): the
+        STATE body's extra fields and the blocks that follow it, each state ended by
+        COMPLETE as the real donor ends it (FILE COPY too, when ``states`` is given)."""
         super().__init__(daemon=True)
+        self.states = states
         self.port = free_port()
         self.entries = entries
         self.blocks = blocks
@@ -57,6 +64,8 @@ class FakeDonor(threading.Thread):
                             "block_size": self.block_size}
                     if self.files_page:
                         body["files_page"] = self.files_page
+                    if self.states is not None:
+                        body["paged"] = True
                     sock.send_multipart([ident, *P.response(P.CONFIG, body)])
                 elif msg.kind == P.EXECUTE and msg.body["what"] == "files":
                     page, size = msg.body["page"], self.files_page or len(self.entries)
@@ -71,6 +80,17 @@ class FakeDonor(threading.Thread):
                     extra = [self.blocks[-1]] * self.extra_blocks if self.extra_blocks else []
                     for desc, data in self.blocks + extra:
                         sock.send_multipart([ident, *P.response(P.DATA_DESC, desc, data)])
+                    if self.states is not None:
+                        sock.send_multipart([ident, *P.response(P.COMPLETE, {"clone_id": 1})])
+                elif msg.kind == P.EXECUTE and msg.body["what"] == "state" and self.states:
+                    name = msg.body["state"]
+                    extra_body, blocks = self.states[name]
+                    body = {"clone_id": 1, "state": name, "blocks": len(blocks),
+                            "bytes": sum(len(d) for _, d in blocks), "sizes": {}, **extra_body}
+                    sock.send_multipart([ident, *P.response(P.STATE, body)])
+                    for desc, data in blocks:
+                        sock.send_multipart([ident, *P.response(P.DATA_DESC, desc, data)])
+                    sock.send_multipart([ident, *P.response(P.COMPLETE, {"clone_id": 1})])
         finally:
             sock.close()
             ctx.term()
@@ -80,6 +100,16 @@ def _block(seq: int, segs: list[list[int]], data: bytes, **override: Any) -> tup
     desc = {"seq": seq, "len": len(data), "raw": len(data), "span": len(data), "comp": 0,
             "xxh": checksum(data), "segs": segs, **override}
     return desc, data
+
+
+def assert_refused(res: subprocess.CompletedProcess[str], dest: Path) -> None:
+    """A pull from a hostile donor: 3863, no traceback, nothing left of the clone."""
+    assert res.returncode == 1, res.stderr
+    assert "ERROR 3863 (HY000): Clone received unexpected response from Donor" in res.stderr, \
+        res.stderr
+    assert "Traceback" not in res.stderr
+    assert not dest.exists(), "the failed clone's directory must be removed"
+    assert os.listdir(dest.parent) == []
 
 
 GOOD = [_file(0, "ok", 4)]
@@ -134,11 +164,6 @@ def test_hostile_donor(case: str, tmp_path: Path) -> None:
     finally:
         donor.stop.set()
         donor.join(10)
-    assert res.returncode == 1, res.stderr
-    assert "ERROR 3863 (HY000): Clone received unexpected response from Donor" in res.stderr, \
-        res.stderr
-    assert "Traceback" not in res.stderr
-    assert not dest.exists(), "the failed clone's directory must be removed"
-    assert os.listdir(workdir) == []
+    assert_refused(res, dest)
     assert set(os.listdir(tmp_path)) - {"state"} == before - {"state"}
     assert not Path("/tmp/evil-abs").exists()

@@ -111,6 +111,8 @@ def parse_records(body: bytes) -> list[tuple[Any, ...]]:
             pos += _EXTEND.size
         else:
             raise ValueError(f"unknown redo record type {kind} at {pos}")
+        if pos > n:
+            raise ValueError(f"redo record of type {kind} cut short at {n}")
     return out
 
 

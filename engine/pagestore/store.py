@@ -32,7 +32,7 @@ from engine.errors import (
     LockWaitTimeout,
     NotADataDirectory,
 )
-from engine.fsutil import fsync_dir, write_durable
+from engine.fsutil import fsync_dir, open_beneath, unlink_beneath, write_durable
 from engine.pagestore.apply import apply_mtr
 from engine.pagestore.page import file_header_page, page_checksum
 from engine.pagestore.redo import (
@@ -259,10 +259,12 @@ class PageStore:
         shutil.rmtree(os.path.join(self.root, ARCHIVE_DIR), ignore_errors=True)
 
     # -- spaces --------------------------------------------------------------------
-    def _open_space(self, sid: int, path: str, pages: int) -> Space:
-        full = os.path.join(self.root, path)
+    def _open_space(self, sid: int, path: str, pages: int, make_parents: bool = False
+                    ) -> Space:
+        # Beneath the root without following any link: the paths come from the control
+        # file and the redo log, which in a clone the donor wrote (RECOVERY replays them).
         flags = os.O_RDONLY if self.readonly else os.O_RDWR | os.O_CREAT
-        fd = os.open(full, flags | os.O_CLOEXEC, 0o640)
+        fd = open_beneath(self.root, path, flags, 0o640, make_parents=make_parents)
         size = os.fstat(fd).st_size
         pages = max(pages, size // self.page_size)
         space = Space(sid, path, pages, fd)
@@ -304,13 +306,10 @@ class PageStore:
     def space_created(self, space: int, pages: int, path: str) -> None:
         if space in self.spaces:
             return
-        full = os.path.join(self.root, path)
-        if not self.readonly:
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-        if self.readonly and not os.path.exists(full):
+        if self.readonly and not os.path.lexists(os.path.join(self.root, path)):
             self.spaces[space] = Space(space, path, pages, os.open("/dev/null", os.O_RDONLY))
         else:
-            self._open_space(space, path, pages)
+            self._open_space(space, path, pages, make_parents=not self.readonly)
         self.next_space_id = max(self.next_space_id, space + 1)
 
     def space_dropped(self, space: int, path: str) -> None:
@@ -321,7 +320,7 @@ class PageStore:
             os.close(sp.fd)
         if not self.readonly:
             try:
-                os.unlink(os.path.join(self.root, path))
+                unlink_beneath(self.root, path)
             except FileNotFoundError:
                 pass
 
