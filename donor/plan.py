@@ -10,14 +10,13 @@ Holes are found by the readers (SEEK_DATA), not here.
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import stat
-from dataclasses import dataclass
 from typing import Any
 
 from engine.codec import BLOCK_SIZE, MAX_SEGMENTS
+from engine.messages import Entry
 
 log = logging.getLogger("clone_agent.donor")
 
@@ -26,33 +25,6 @@ SKIP_TOP = {"#clone", "#ib_archive"}
 #: Also not copied from a page store: the redo log travels as REDO COPY's archive, and
 #: the recipient makes its own log at RECOVERY.
 SKIP_PAGED = ("#ib_redo",)
-
-
-@dataclass
-class Entry:
-    id: int
-    kind: str  # "d" directory, "f" regular file, "l" symbolic link
-    rel: str
-    path: str
-    size: int
-    mode: int
-    mtime_ns: int
-    target: str = ""
-    dense: bool = False  #: a regular file with no holes: the recipient may preallocate it
-
-    def wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "t": self.kind, "s": self.size,
-                               "m": self.mode, "mt": self.mtime_ns}
-        if self.dense:
-            out["dn"] = 1
-        try:
-            self.rel.encode("utf-8")
-            out["p"] = self.rel
-        except UnicodeEncodeError:  # a name that is not UTF-8 travels as its raw bytes
-            out["pb"] = base64.b64encode(os.fsencode(self.rel)).decode()
-        if self.kind == "l":
-            out["lt"] = base64.b64encode(os.fsencode(self.target)).decode()
-        return out
 
 
 def scan(root: str, skip: tuple[str, ...] = ()) -> list[Entry]:
@@ -77,16 +49,17 @@ def scan(root: str, skip: tuple[str, ...] = ()) -> list[Entry]:
                 continue
             mode = stat.S_IMODE(st.st_mode)
             if stat.S_ISDIR(st.st_mode):
-                entries.append(Entry(len(entries), "d", rel, child.path, 0, mode, st.st_mtime_ns))
+                entries.append(Entry(len(entries), "d", rel, 0, mode, st.st_mtime_ns,
+                                     path=child.path))
                 subdirs.append((child.path, rel))
             elif stat.S_ISREG(st.st_mode):
                 entries.append(
-                    Entry(len(entries), "f", rel, child.path, st.st_size, mode, st.st_mtime_ns,
-                          dense=st.st_blocks * 512 >= st.st_size)
+                    Entry(len(entries), "f", rel, st.st_size, mode, st.st_mtime_ns,
+                          dense=st.st_blocks * 512 >= st.st_size, path=child.path)
                 )
             elif stat.S_ISLNK(st.st_mode):
-                entries.append(Entry(len(entries), "l", rel, child.path, 0, mode, st.st_mtime_ns,
-                                     os.readlink(child.path)))
+                entries.append(Entry(len(entries), "l", rel, 0, mode, st.st_mtime_ns,
+                                     os.readlink(child.path), path=child.path))
             else:
                 log.warning("skipping %s: not a file, directory or link", rel)
         for path, rel in subdirs:

@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from donor.plan import Entry
 from engine.codec import checksum
+from engine.messages import ConsistentPoint, Entry, Tablespace
 from engine.pagestore import PageStore
 
 log = logging.getLogger("clone_agent.donor")
@@ -45,7 +45,7 @@ class Snapshot:
         self.page_size = store.page_size
         self.tracking_lsn = 0
         self.archive_lsn = 0
-        self.point: dict[str, Any] = {}
+        self.point: ConsistentPoint | None = None
         self.pages_sent = 0
         store.backup_lock.acquire_clone(ddl_timeout)
         self._locked = True
@@ -117,20 +117,31 @@ class Snapshot:
         return cursor, checksum(slot[:cursor]), segs
 
     # -- REDO COPY --------------------------------------------------------------------
-    def redo_copy(self, next_id: int, entries: list[Entry]) -> tuple[Entry, dict[str, Any]]:
+    def redo_copy(self, next_id: int, entries: list[Entry]
+                  ) -> tuple[Entry, ConsistentPoint, dict[int, int]]:
+        """The consistent point; the archive as the file ``next_id``; the sizes of the
+        files that grew, by id."""
         self.pause("clone_redo_copy")
-        point = self.store.consistent_point()
-        point["accounts"] = self.store.control.get("accounts", 0)
+        raw = self.store.consistent_point()
         by_path = {e.rel: e.id for e in entries if e.kind == "f"}
-        point["sizes"] = {str(by_path[path]): size for path, size in point["sizes"].items()
-                          if path in by_path}
+        sizes = {by_path[path]: size for path, size in raw["sizes"].items() if path in by_path}
+        point = ConsistentPoint(
+            clone_lsn=raw["clone_lsn"], archive_lsn=raw["archive_lsn"],
+            archive_bytes=raw["archive_bytes"], last_txn=raw["last_txn"],
+            binlog_file=raw["binlog_file"], binlog_file_no=raw["binlog_file_no"],
+            binlog_position=raw["binlog_position"], gtid_executed=raw["gtid_executed"],
+            server_uuid=raw["server_uuid"], page_size=raw["page_size"],
+            spaces={int(sid): Tablespace(sp["path"], sp["pages"])
+                    for sid, sp in raw["spaces"].items()},
+            next_space_id=raw["next_space_id"],
+            accounts=self.store.control.get("accounts", 0), blocked_s=raw["blocked_s"])
         self.point = point
         log.info("REDO COPY: consistent point LSN %d, transaction %d, %d bytes of redo "
-                 "(blocked %.3f ms)", point["clone_lsn"], point["last_txn"],
-                 point["archive_bytes"], point["blocked_s"] * 1000)
-        path = point.pop("archive_path")
-        entry = Entry(next_id, "f", REDO_NAME, path, os.path.getsize(path), 0o600, 0)
-        return entry, point
+                 "(blocked %.3f ms)", point.clone_lsn, point.last_txn,
+                 point.archive_bytes, point.blocked_s * 1000)
+        path = raw["archive_path"]
+        entry = Entry(next_id, "f", REDO_NAME, os.path.getsize(path), 0o600, 0, path=path)
+        return entry, point, sizes
 
     def end(self) -> None:
         try:

@@ -264,12 +264,16 @@ for _cls in EXIT_STATUS_TABLE:  # the first (most general) class of each number 
 
 def outcome_of(exc: BaseException) -> dict[str, Any]:
     """What a crashed stage sends back to its coordinator (STYLE.md 6)."""
+    tb = _format(exc)
+    if isinstance(exc, OSError):  # translated here as at every other edge: with its hint
+        exc = from_oserror(exc, "a file operation")
     errno = exc.errno if isinstance(exc, CloneError) else 0
     return {
         "type": type(exc).__name__,
         "errno": errno,
         "message": exc.message if isinstance(exc, CloneError) else f"{type(exc).__name__}: {exc}",
-        "traceback": _format(exc),
+        "hint": exc.hint if isinstance(exc, CloneError) else None,
+        "traceback": tb,
     }
 
 

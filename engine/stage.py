@@ -549,7 +549,7 @@ class Pipeline:
 
     def _crash_error(self, index: int, outcome: dict[str, Any]) -> CloneError:
         if outcome.get("errno"):
-            err = by_number(int(outcome["errno"]), outcome["message"])
+            err = by_number(int(outcome["errno"]), outcome["message"], outcome.get("hint"))
         else:
             err = StageCrashed(f"{self.name}-{index}", outcome["message"])
         _log().debug("worker %s-%d traceback:\n%s", self.name, index, outcome.get("traceback"))

@@ -15,18 +15,17 @@ last byte is written, so a link can never redirect a write.
 
 from __future__ import annotations
 
-import base64
+import dataclasses
 import os
-from dataclasses import dataclass
 from typing import Any
 
+from engine import messages as M
 from engine import protocol as P
 from engine.errors import ProtocolError, UnsafeName
 from engine.fsutil import (
     OPEN_FLAGS,
     RESERVED_PAGED,
     RESERVED_TOP,
-    check_relpath,
     fsync_dir,
     preallocate,
     syncfs,
@@ -40,18 +39,6 @@ REDO_NAME = "#clone/#redo_archive"
 PREALLOCATE_MIN = 1 << 20
 
 
-@dataclass
-class Item:
-    kind: str
-    rel: str
-    size: int
-    mode: int
-    mtime_ns: int
-    target: str = ""
-    internal: bool = False
-    done: bool = False  #: a writer set its mode and times (it came whole in one block)
-
-
 class Manifest:
     """Entries by id, checked one FILES page at a time."""
 
@@ -62,68 +49,49 @@ class Manifest:
             raise ProtocolError(f"manifest of {expected} entries exceeds {P.MAX_FILES}")
         self.root = root
         self.expected = expected
-        self.items: dict[int, Item] = {}
+        self.items: dict[int, M.Entry] = {}
         self.dirs: set[str] = set()
         self.names: set[str] = set()
         self.total_bytes = 0
         self.can_preallocate = True  #: until the file system refuses it
         self.reserved = RESERVED_PAGED if paged else RESERVED_TOP
+        #: files a writer finished (mode, times): they came whole in one block
+        self.done: set[int] = set()
+        #: files of the clone's own (the redo archive), under names we chose
+        self.internal: set[int] = set()
 
-    def add_page(self, body: dict[str, Any]) -> bool:
-        entries = P.want(body, "entries", list)
-        if len(entries) > P.MAX_FILES_PAGE:
-            raise ProtocolError(f"FILES page of {len(entries)} entries")
-        for raw in entries:
-            self._add(raw)
+    def add_page(self, page: M.FilesPage) -> bool:
+        for raw in page.entries:
+            self._add(M.Entry.from_wire(raw, self.reserved))
         if len(self.items) > self.expected:
             raise ProtocolError("more manifest entries than announced")
-        return bool(body.get("last"))
+        return page.last
 
-    def _add(self, raw: Any) -> None:
-        if not isinstance(raw, dict):
-            raise ProtocolError("manifest entry is not an object")
-        fid = P.want(raw, "id", int, 0, P.MAX_FILES)
-        kind = raw.get("t")
-        if kind not in ("d", "f", "l"):
-            raise ProtocolError(f"manifest entry of unknown type {kind!r}")
-        rel: object
-        if "pb" in raw:
-            try:
-                rel = os.fsdecode(base64.b64decode(P.want(raw, "pb", str), validate=True))
-            except ValueError:
-                raise UnsafeName("undecodable file name") from None
-        else:
-            rel = raw.get("p")
-        rel = check_relpath(rel, self.reserved)
-        size = P.want(raw, "s", int, 0, P.MAX_FILE_SIZE)
-        mode = P.want(raw, "m", int, 0, 0o7777)
-        mtime = P.want(raw, "mt", int, -(1 << 62), 1 << 62)
-        if fid in self.items or rel in self.names:
+    def _add(self, entry: M.Entry) -> None:
+        rel = entry.rel
+        if entry.id in self.items or rel in self.names:
             raise UnsafeName(f"file {rel!r} listed twice")
         parent = rel.rpartition("/")[0]
         if parent and parent not in self.dirs:
             raise UnsafeName(f"{rel!r} is not inside a directory listed before it")
-        target = ""
-        if kind == "l":
-            try:
-                target = os.fsdecode(base64.b64decode(P.want(raw, "lt", str), validate=True))
-            except ValueError:
-                raise UnsafeName("undecodable link target") from None
-            if "\x00" in target or not target or len(target) > 4096:
-                raise UnsafeName(f"bad link target for {rel!r}")
-        self.items[fid] = Item(kind, rel, size, mode, mtime, target)
+        self.items[entry.id] = entry
         self.names.add(rel)
-        if kind == "d":
+        if entry.kind == "d":
             self.dirs.add(rel)
             os.mkdir(rel, 0o700, dir_fd=self._root_fd())
-        elif kind == "f":
-            self.total_bytes += size
-            if self.can_preallocate and size >= PREALLOCATE_MIN and raw.get("dn") == 1:
+        elif entry.kind == "f":
+            self.total_bytes += entry.size
+            if self.can_preallocate and entry.size >= PREALLOCATE_MIN and entry.dense:
                 fd = os.open(rel, OPEN_FLAGS, 0o600, dir_fd=self._root_fd())
                 try:
-                    self.can_preallocate = preallocate(fd, size)
+                    self.can_preallocate = preallocate(fd, entry.size)
                 finally:
                     os.close(fd)
+
+    def files(self) -> set[str]:
+        """The names of the donor's regular files."""
+        return {e.rel for e in self.items.values()
+                if e.kind == "f" and e.id not in self.internal}
 
     _fd: int | None = None
 
@@ -143,15 +111,16 @@ class Manifest:
         if size < item.size:
             raise ProtocolError(f"{item.rel!r} would shrink from {item.size} to {size}")
         self.total_bytes += size - item.size
-        item.size = size
+        self.items[fid] = dataclasses.replace(item, size=size)
 
     def add_internal(self, fid: int, rel: str, size: int) -> None:
         """A file of the clone's own (the redo archive) under a name we choose."""
         if fid in self.items:
             raise ProtocolError(f"file id {fid} reused for the redo archive")
-        self.items[fid] = Item("f", rel, size, 0o600, 0, internal=True)
+        self.items[fid] = M.Entry(fid, "f", rel, size, 0o600, 0)
+        self.internal.add(fid)
 
-    def file(self, fid: Any) -> Item:
+    def file(self, fid: Any) -> M.Entry:
         item = self.items.get(fid) if isinstance(fid, int) else None
         if item is None or item.kind != "f":
             raise ProtocolError(f"data for {fid!r}, which is not a file of the manifest")
@@ -162,14 +131,14 @@ class Manifest:
         root = self._root_fd()
         dirs = []
         for item in self.items.values():
-            if item.done:
+            if item.id in self.done:
                 continue
             if item.kind == "f":
                 fd = os.open(item.rel, OPEN_FLAGS, 0o600, dir_fd=root)
                 try:
                     if os.fstat(fd).st_size != item.size:
                         os.ftruncate(fd, item.size)  # empty files and trailing holes
-                    if not item.internal:
+                    if item.id not in self.internal:
                         os.fchmod(fd, item.mode)
                         os.utime(fd, ns=(item.mtime_ns, item.mtime_ns))
                 finally:

@@ -32,6 +32,7 @@ from typing import Any
 
 from engine.errors import ProtocolError, UnsafeName
 from engine.fsutil import ESCAPE_ERRNOS, RESERVED_PAGED, check_relpath, fsync_dir
+from engine.messages import ConsistentPoint
 from engine.pagestore import REDO_DIR, PageStore
 from engine.pagestore.redo import (
     FILE_PREFIX,
@@ -49,12 +50,6 @@ from engine.pagestore.store import write_control
 #: Pages a tablespace that the archive creates may reach (1 TiB at 64 KiB pages):
 #: a bound on what a record can make the recipient allocate, not a format limit.
 MAX_NEW_PAGES = 1 << 24
-
-
-def _space_id(sid: str) -> int:
-    if not (sid.isdigit() and len(sid) <= 10 and int(sid) < 1 << 32):
-        raise ProtocolError(f"tablespace id {sid[:20]!r}")
-    return int(sid)
 
 
 def check_archive(path: str, archive_lsn: int, registry: dict[int, tuple[str, int]],
@@ -114,44 +109,33 @@ def check_archive(path: str, archive_lsn: int, registry: dict[int, tuple[str, in
     return mtrs
 
 
-def recover_clone(dest: str, point: dict[str, Any], redo_rel: str,
+def recover_clone(dest: str, point: ConsistentPoint, redo_rel: str,
                   files: set[str], names: Collection[str]) -> dict[str, Any]:
-    """``files``: the checked names of the manifest's regular files; every tablespace
-    must be one. ``names``: every name of the manifest."""
-    archive_lsn = int(point["archive_lsn"])
-    clone_lsn = int(point["clone_lsn"])
-    if not 0 < archive_lsn <= clone_lsn:
-        raise ProtocolError(f"archive LSN {archive_lsn} after clone LSN {clone_lsn}")
-    spaces = point["spaces"]
-    if not isinstance(spaces, dict) or len(spaces) > 100000:
-        raise ProtocolError("tablespace registry is not an object")
+    """``files``: the names of the manifest's regular files; every tablespace must be
+    one. ``names``: every name of the manifest."""
     registry: dict[int, tuple[str, int]] = {}
-    for sid, info in spaces.items():
-        if not (isinstance(info, dict) and info.get("path") in files
-                and isinstance(info.get("pages"), int) and 0 <= info["pages"] < 1 << 40):
-            raise ProtocolError(f"tablespace {sid[:20]!r} is not a file of the clone")
-        registry[_space_id(sid)] = (info["path"], info["pages"])
+    for sid, space in point.spaces.items():
+        if space.path not in files:
+            raise ProtocolError(f"tablespace {sid} is not a file of the clone")
+        registry[sid] = (space.path, space.pages)
     if len({path for path, _ in registry.values()}) != len(registry):
         raise ProtocolError("two tablespaces share a file")
-    page_size = point.get("page_size")
-    if not isinstance(page_size, int) or page_size & (page_size - 1) or \
-            not 4096 <= page_size <= 65536:
-        raise ProtocolError(f"page size {page_size!r}")
     archive = os.path.join(dest, redo_rel)
-    check_archive(archive, archive_lsn, registry, names, page_size)
+    check_archive(archive, point.archive_lsn, registry, names, point.page_size)
     redo_dir = os.path.join(dest, REDO_DIR)
     try:
         os.mkdir(redo_dir, 0o750)  # ours alone: the manifest may not name it
     except FileExistsError:
         raise UnsafeName(f"{REDO_DIR} exists before RECOVERY made it") from None
-    os.replace(archive, os.path.join(redo_dir, f"{FILE_PREFIX}{archive_lsn:020d}"))
+    os.replace(archive, os.path.join(redo_dir, f"{FILE_PREFIX}{point.archive_lsn:020d}"))
     write_control(dest, {
-        "format": 1, "page_size": int(point["page_size"]),
-        "server_uuid": str(point["server_uuid"]), "checkpoint_lsn": archive_lsn,
-        "spaces": spaces, "next_space_id": int(point["next_space_id"]),
-        "last_txn": int(point["last_txn"]), "binlog_file": int(point["binlog_file_no"]),
-        "binlog_pos": int(point["binlog_position"]), "clean": False,
-        "accounts": int(point.get("accounts", 0)),
+        "format": 1, "page_size": point.page_size, "server_uuid": point.server_uuid,
+        "checkpoint_lsn": point.archive_lsn,
+        "spaces": {str(sid): {"path": path, "pages": pages}
+                   for sid, (path, pages) in registry.items()},
+        "next_space_id": point.next_space_id, "last_txn": point.last_txn,
+        "binlog_file": point.binlog_file_no, "binlog_pos": point.binlog_position,
+        "clean": False, "accounts": point.accounts,
     })
     fsync_dir(redo_dir)
     try:
@@ -162,11 +146,12 @@ def recover_clone(dest: str, point: dict[str, Any], redo_rel: str,
                              f"{exc.strerror}") from None
         raise
     try:
-        if store.lsn != clone_lsn:
-            raise ProtocolError(f"redo ends at LSN {store.lsn}, not at the clone LSN {clone_lsn}")
-        if store.last_txn != int(point["last_txn"]):
+        if store.lsn != point.clone_lsn:
+            raise ProtocolError(f"redo ends at LSN {store.lsn}, not at the clone LSN "
+                                f"{point.clone_lsn}")
+        if store.last_txn != point.last_txn:
             raise ProtocolError(f"recovered to transaction {store.last_txn}, "
-                                f"expected {point['last_txn']}")
+                                f"expected {point.last_txn}")
         return {"mtrs": store.recovered_mtrs, "lsn": store.lsn, "last_txn": store.last_txn}
     finally:
         store.close()

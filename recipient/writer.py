@@ -1,17 +1,18 @@
 """Writer processes: verify a block in a ring slot, then write its segments in place.
 
 Runs in a worker process of the recipient's writer :class:`~engine.stage.Pipeline`.
-A descriptor ``["write", seq, slot, length, checksum, comp, raw, segments]`` comes
-in, each segment ``[relative path, offset, length]`` (already checked by the
-coordinator), or ``[relative path, 0, length, mode, mtime_ns]`` for a whole file: a
-small file of a batch is then finished here, its permission bits and times set and its
-descriptor closed, in parallel with the rest of the copy rather than one by one at
-FILE SYNC. The checksum is verified first: a mismatch raises ChecksumMismatch and
-nothing of the block is written or acknowledged. Files are opened relative to the
-destination's directory descriptor with O_NOFOLLOW (the destination holds no links
-while data flows: they are made at FILE SYNC), and holes are never written, so a
-sparse file stays sparse. The answer ``[seq, slot]`` lets the coordinator free the
-slot and acknowledge the block.
+A :class:`WriteOrder` comes in (as a plain list on the descriptor channel), its pieces
+already checked by the coordinator. A :class:`Piece` that carries a mode is a whole
+file: a small file of a batch is then finished here, its permission bits and times set
+and its descriptor closed, in parallel with the rest of the copy rather than one by one
+at FILE SYNC. The checksum is verified first: a mismatch raises ChecksumMismatch and
+nothing of the block is written or acknowledged; a block that does not decompress is
+the donor's fault too (3863), and a failed write is ERROR 8002 with its hint.
+
+Files are opened relative to the destination's directory descriptor with O_NOFOLLOW
+(the destination holds no links while data flows: they are made at FILE SYNC), and
+holes are never written, so a sparse file stays sparse. The answer ``[seq, slot]``
+lets the coordinator free the slot and acknowledge the block.
 
 Direct I/O: the 4 KiB-aligned part of a segment (a whole block of a big file, a run of
 pages) is written with O_DIRECT straight from the ring slot, as MySQL's clone writes
@@ -29,16 +30,50 @@ import mmap
 import os
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine.codec import Decompressor, checksum
-from engine.errors import ChecksumMismatch
+from engine.errors import ChecksumMismatch, ProtocolError, from_oserror
 from engine.fsutil import OPEN_FLAGS
 from engine.ring import RingView
 from engine.throttle import RateLimit
 
 FD_CACHE = 64
 ALIGN = 4096  #: O_DIRECT alignment of memory, file offset and length (one page)
+
+
+class Piece(NamedTuple):
+    """``size`` bytes of ``rel`` at ``offset``; ``mode`` >= 0: the whole file, which the
+    writer finishes (permission bits, ``mtime_ns``)."""
+
+    rel: str
+    offset: int
+    size: int
+    mode: int = -1
+    mtime_ns: int = 0
+
+
+class WriteOrder(NamedTuple):
+    """One block to verify and write: ring ``slot`` holds ``length`` bytes on the wire
+    (``comp`` 0: the ``raw`` bytes themselves) whose xxh3_64 is ``xxh``."""
+
+    seq: int
+    slot: int
+    length: int
+    xxh: int
+    comp: int
+    raw: int
+    pieces: list[Piece]
+
+    def to_wire(self) -> list[Any]:
+        """A list marshal can carry (it refuses named tuples)."""
+        return ["write", self.seq, self.slot, self.length, self.xxh, self.comp, self.raw,
+                [list(p) for p in self.pieces]]
+
+    @classmethod
+    def from_wire(cls, msg: list[Any]) -> WriteOrder:
+        _, seq, slot, length, xxh, comp, raw, pieces = msg
+        return cls(seq, slot, length, xxh, comp, raw, [Piece(*p) for p in pieces])
 
 
 class Writer:
@@ -114,7 +149,8 @@ class Writer:
             os.close(direct)
 
     def handle(self, msg: list[Any]) -> Any:
-        _, seq, slot, length, xxh, comp, raw, segments = msg
+        order = WriteOrder.from_wire(msg)
+        seq, slot, length, xxh, comp, raw = order[:6]
         if self.limits:
             delay = max(limit.reserve(raw if key == "raw" else length)
                         for limit, key in self.limits)
@@ -129,19 +165,25 @@ class Writer:
             dec = self.decompressors.get(comp)
             if dec is None:
                 dec = self.decompressors[comp] = Decompressor(comp)
-            out = dec.decompress(view, raw)
+            try:
+                out = dec.decompress(view, raw)
+            except ValueError as exc:
+                raise ProtocolError(f"block {seq}: {exc}") from None
             if self._scratch_view is not None and self.direct:
                 self._scratch_view[:raw] = out
                 data = self._scratch_view[:raw]
             else:
                 data = memoryview(out)
         cursor = 0
-        for seg in segments:
-            rel, offset, size = seg[:3]
-            self._write(rel, data[cursor : cursor + size], offset, cursor % ALIGN == 0)
-            cursor += size
-            if len(seg) == 5:
-                self._complete(rel, seg[3], seg[4])
+        for piece in order.pieces:
+            try:
+                self._write(piece.rel, data[cursor : cursor + piece.size], piece.offset,
+                            cursor % ALIGN == 0)
+                if piece.mode >= 0:
+                    self._complete(piece.rel, piece.mode, piece.mtime_ns)
+            except OSError as exc:
+                raise from_oserror(exc, f"writing '{piece.rel}'") from None
+            cursor += piece.size
         self.bytes += cursor
         return [seq, slot]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from donor.plan import scan
+from engine import messages as M
 from recipient.manifest import PREALLOCATE_MIN, Manifest
 from tests.helpers import Donor, allocated, run_cli
 
@@ -27,14 +28,14 @@ def test_big_dense_files_are_preallocated_before_any_data(tmp_path: Path) -> Non
     src = tmp_path / "src"
     _donor_tree(src)
     entries = scan(str(src))
-    wire = {e.rel: e.wire() for e in entries}
+    wire = {e.rel: e.to_wire() for e in entries}
     assert wire["dense.ibd"].get("dn") == 1 and wire["small.frm"].get("dn") == 1
     assert "dn" not in wire["holes.ibd"]  # a file with holes stays sparse on the recipient
 
     dest = tmp_path / "dest"
     dest.mkdir()
     manifest = Manifest(str(dest), len(entries))
-    manifest.add_page({"page": 0, "entries": list(wire.values()), "last": True})
+    manifest.add_page(M.FilesPage(0, list(wire.values()), True))
     manifest.close()
     # the dense big file exists at its full size, its blocks allocated (reading zeros)
     assert os.path.getsize(dest / "dense.ibd") == 3 * PREALLOCATE_MIN
@@ -48,9 +49,9 @@ def test_a_hostile_dense_flag_never_preallocates_more_than_the_size(tmp_path: Pa
     dest = tmp_path / "dest"
     dest.mkdir()
     manifest = Manifest(str(dest), 2)
-    manifest.add_page({"page": 0, "last": True, "entries": [
+    manifest.add_page(M.FilesPage.from_body({"page": 0, "last": True, "entries": [
         {"id": 0, "t": "f", "p": "a", "s": PREALLOCATE_MIN, "m": 0o644, "mt": 0, "dn": "yes"},
-        {"id": 1, "t": "f", "p": "b", "s": PREALLOCATE_MIN, "m": 0o644, "mt": 0, "dn": 1}]})
+        {"id": 1, "t": "f", "p": "b", "s": PREALLOCATE_MIN, "m": 0o644, "mt": 0, "dn": 1}]}))
     manifest.close()
     assert not (dest / "a").exists()  # only the value 1 asks for it
     assert os.path.getsize(dest / "b") == PREALLOCATE_MIN

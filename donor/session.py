@@ -1,0 +1,322 @@
+"""One clone on the donor: its streams, its queues of blocks, and its sending loop.
+
+A :class:`Session` lives in the ``serve`` process (the coordinator) from INIT to its
+end. It owns the snapshot (for a page store), the manifest and the plan of the current
+state, and the blocks on their way: planned -> read (a reader process fills a slot of
+the read ring, or the coordinator reads fresh pages) -> compressed (optional, into the
+send ring) -> ready -> in flight (a zero-copy send) -> acknowledged. It answers the
+commands of its recipient (:meth:`execute`, :meth:`ack`, :meth:`next_state`) and
+sends what credit allows (:meth:`pump`). The server (:mod:`donor.server`) keeps the
+socket, the rings and the worker pools, and hands the session what concerns it.
+
+Its :class:`Phase` says what it may do: ACTIVE serves; ENDED is final (its slots went
+back to the server). The phases of later features (authenticating before ACTIVE, an
+orphaned clone waiting for its recipient to come back) are added here as phases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+import platform
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from donor.plan import SKIP_PAGED, Entry, plan, scan
+from donor.snapshot import Snapshot
+from engine import messages as M
+from engine import protocol as P
+from engine.codec import CODECS
+from engine.errors import CloneError, ProtocolError
+
+if TYPE_CHECKING:
+    from donor.server import DonorServer
+
+log = logging.getLogger("clone_agent.donor")
+
+AGENT_VERSION = "clone-agent 0.1"
+KEEPALIVE_EVERY = 5.0  #: seconds, as MySQL's donor while it waits
+#: Blocks of fresh pages the coordinator reads in one turn of the loop (PAGE COPY),
+#: so that the socket is served between them.
+PAGE_BLOCKS_A_TURN = 8
+
+
+class Phase(enum.Enum):
+    ACTIVE = "active"
+    ENDED = "ended"
+
+
+@dataclass
+class Stream:
+    ident: bytes
+    index: int
+    credit: int = 0
+    sent: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyBlock:
+    """A block in a ring slot: ``ring`` 0 is the read ring, 1 the send ring (after
+    compression). ``length`` bytes go on the wire, ``raw`` before compression."""
+
+    seq: int
+    ring: int
+    slot: int
+    length: int
+    xxh: int
+    segs: list[Any]
+    span: int
+    comp: int
+    raw: int
+
+    def desc(self) -> M.BlockDesc:
+        return M.BlockDesc(self.seq, self.length, self.raw, self.comp, self.xxh, self.span,
+                           self.segs)
+
+
+class Session:
+    """One clone in progress on the donor; made by the server at INIT."""
+
+    def __init__(self, server: DonorServer, clone_id: int, master: bytes,
+                 init: M.Init) -> None:
+        self.server = server
+        self.clone_id = clone_id
+        self.phase = Phase.ACTIVE
+        self.snapshot_id = secrets.token_hex(8)
+        self.version = P.negotiate(init.version)
+        self.user = init.user
+        self.streams: dict[bytes, Stream] = {master: Stream(master, 0)}
+        self.master = master
+        self.block_size = init.block_size
+        self.codec = CODECS[init.compression]
+        self.snapshot: Snapshot | None = None
+        if server.store is not None:
+            self.snapshot = Snapshot(server.store, init.ddl_timeout, server.debug_sync,
+                                     server.workload_alive)
+        try:
+            self.entries: list[Entry] = scan(
+                server.datadir, skip=SKIP_PAGED if self.snapshot else ())
+        except BaseException:
+            if self.snapshot is not None:
+                self.snapshot.end()
+            raise
+        self.total_bytes = sum(e.size for e in self.entries if e.kind == "f")
+        self.ready: deque[ReadyBlock] = deque()
+        self.inflight: dict[int, tuple[int, int, Any]] = {}  # seq -> (ring, slot, tracker)
+        self.to_compress: deque[ReadyBlock] = deque()
+        self.compressing: dict[int, ReadyBlock] = {}
+        self.start_state("FILE COPY", plan(self.entries, self.block_size), "read")
+        self.last_heard = time.monotonic()
+        self.last_sent = time.monotonic()
+        self._rr = 0
+        log.info("clone %d: %d files, %d bytes, %d blocks, for user %r", clone_id,
+                 sum(1 for e in self.entries if e.kind == "f"), self.total_bytes,
+                 len(self.blocks), self.user)
+
+    def start_state(self, name: str, blocks: list[Any], kind: str) -> None:
+        """Begin a snapshot state: ``kind`` "read" (reader processes) or "pages"
+        (tracked pages read fresh by the coordinator)."""
+        self.state = name
+        self.blocks = blocks
+        self.kind = kind
+        self.next_block = 0
+        self.acked = 0
+        self.complete_sent = False
+
+    @property
+    def busy(self) -> bool:
+        """Blocks of the current state still on their way."""
+        return bool(not self.complete_sent or self.inflight or self.ready or
+                    self.compressing or self.to_compress)
+
+    # -- answers ----------------------------------------------------------------------
+    def config(self) -> M.Config:
+        return M.Config(
+            version=self.version, clone_id=self.clone_id, snapshot_id=self.snapshot_id,
+            server_version=AGENT_VERSION, os=platform.system(), machine=platform.machine(),
+            data_dir=os.path.basename(os.path.abspath(self.server.datadir)),
+            files=len(self.entries), bytes=self.total_bytes, blocks=len(self.blocks),
+            block_size=self.block_size, files_page=P.MAX_FILES_PAGE,
+            paged=self.snapshot is not None,
+            page_size=self.snapshot.page_size if self.snapshot else 0)
+
+    def files_page(self, page: int) -> M.FilesPage:
+        start = page * P.MAX_FILES_PAGE
+        chunk = self.entries[start : start + P.MAX_FILES_PAGE]
+        return M.FilesPage(page, [e.to_wire() for e in chunk],
+                           start + P.MAX_FILES_PAGE >= len(self.entries))
+
+    def attach(self, ident: bytes) -> M.Locs:
+        if ident not in self.streams:
+            if len(self.streams) >= P.MAX_STREAMS:
+                raise ProtocolError(f"more than {P.MAX_STREAMS} streams")
+            self.streams[ident] = Stream(ident, len(self.streams))
+        return M.Locs(self.clone_id, self.streams[ident].index)
+
+    def stream(self, ident: bytes) -> Stream:
+        stream = self.streams.get(ident)
+        if stream is None:
+            raise ProtocolError("a stream that did not ATTACH")
+        return stream
+
+    def ack(self, stream: Stream, ack: M.Ack) -> list[tuple[int, int, Any]]:
+        """Blocks written on the recipient: their slots, to free once ZeroMQ is done."""
+        freed = []
+        for seq in ack.blocks:
+            held = self.inflight.pop(seq, None)
+            if held is None:
+                raise ProtocolError(f"ACK of block {seq!r} that is not in flight")
+            freed.append(held)
+            self.acked += 1
+        stream.credit = min(stream.credit + ack.credit, P.MAX_CREDIT)
+        return freed
+
+    def next_state(self, name: str) -> M.State:
+        """Move the snapshot to ``name`` (PAGE COPY after FILE COPY, REDO COPY after
+        PAGE COPY) once the current state is wholly acknowledged."""
+        if self.busy or self.snapshot is None:
+            raise ProtocolError(f"{name!r} asked before {self.state} completed")
+        if name == "PAGE COPY" and self.state == "FILE COPY":
+            blocks, grown = self.snapshot.page_copy(self.entries, self.block_size)
+            self.start_state("PAGE COPY", blocks, "pages")
+            return M.State(self.clone_id, name, len(blocks),
+                           sum(len(b) for b in blocks) * self.snapshot.page_size, grown)
+        if name == "REDO COPY" and self.state == "PAGE COPY":
+            entry, point, sizes = self.snapshot.redo_copy(len(self.entries), self.entries)
+            blocks = plan([entry], self.block_size)
+            self.start_state("REDO COPY", blocks, "read")
+            return M.State(self.clone_id, name, len(blocks), entry.size, sizes,
+                           M.RedoFile(entry.id, entry.size), point)
+        raise ProtocolError(f"no state {name!r} after {self.state}")
+
+    # -- blocks -----------------------------------------------------------------------------
+    def block_read(self, block: ReadyBlock) -> None:
+        """A block is in the read ring: compress it first when the clone asked for it."""
+        if self.codec:
+            self.to_compress.append(block)
+        else:
+            self.ready.append(block)
+
+    def compressed(self, seq: int, out_slot: int, codec: int, wire: int, xxh: int
+                   ) -> ReadyBlock | None:
+        """A compressor's answer; the block it was, if this session still has it. With
+        ``codec`` 0 (it did not shrink) the block stays in the read ring as it was."""
+        block = self.compressing.pop(seq, None)
+        if block is None:
+            return None
+        ready = dataclasses.replace(block, ring=1, slot=out_slot, length=wire, xxh=xxh,
+                                    comp=codec) if codec else block
+        self.ready.append(ready)
+        return block
+
+    def pump(self, now: float) -> None:
+        """Start reads, compressions and sends as far as slots and credit allow."""
+        self._read(now)
+        self._compress()
+        if not self._send(now):
+            return
+        if self.acked == len(self.blocks) and not self.complete_sent:
+            self.complete_sent = True
+            self.server.reply(self.master, P.response(
+                P.COMPLETE, M.Complete(self.clone_id, self.state, self.acked).to_body()))
+            self.last_sent = now
+        if now - self.last_sent > KEEPALIVE_EVERY:
+            self.server.reply(self.master,
+                              P.response(P.KEEPALIVE, {"clone_id": self.clone_id}))
+            self.last_sent = now
+
+    def _read(self, now: float) -> None:
+        server = self.server
+        ring = server.ring
+        assert ring is not None and server.readers is not None
+        filled = 0
+        while self.next_block < len(self.blocks) and filled < PAGE_BLOCKS_A_TURN:
+            slot = ring.acquire()
+            if slot is None:
+                break
+            if self.kind == "pages":
+                assert self.snapshot is not None
+                length, xxh, segs = self.snapshot.fill_pages(self.blocks[self.next_block],
+                                                             ring.slot(slot))
+                self.block_read(ReadyBlock(self.next_block, 0, slot, length, xxh, segs,
+                                           length, 0, length))
+                filled += 1
+            else:
+                w = server.readers.least_loaded()
+                server.readers.submit(w, ["read", [self.clone_id, self.next_block], slot,
+                                          self.blocks[self.next_block]])
+            self.next_block += 1
+
+    def _compress(self) -> None:
+        server = self.server
+        while self.to_compress and server.compressors is not None:
+            assert server.out_ring is not None
+            out_slot = server.out_ring.acquire()
+            if out_slot is None:
+                break
+            block = self.to_compress.popleft()
+            self.compressing[block.seq] = block
+            server.compressors.submit(server.compressors.least_loaded(),
+                                      ["compress", [self.clone_id, block.seq], block.slot,
+                                       out_slot, block.length, self.codec])
+
+    def _next_stream(self, streams: list[Stream]) -> Stream | None:
+        """Round robin over the streams with credit left."""
+        for i in range(len(streams)):
+            cand = streams[(self._rr + i) % len(streams)]
+            if cand.credit > 0:
+                self._rr = (self._rr + i + 1) % len(streams)
+                return cand
+        return None
+
+    def _send(self, now: float) -> bool:
+        """Send ready blocks while credit lasts; False when the recipient is gone."""
+        streams = list(self.streams.values())
+        while self.ready:
+            stream = self._next_stream(streams)
+            if stream is None:
+                break
+            block = self.ready.popleft()
+            ring = self.server.ring_of(block.ring)
+            tracker = self.server.reply(
+                stream.ident,
+                P.response(P.DATA_DESC, block.desc().to_body(),
+                           ring.slot(block.slot, block.length)),
+                copy=False, track=True)
+            if tracker is None:
+                ring.release(block.slot)
+                self.server.end_session(None, send_error=False)
+                return False
+            stream.credit -= 1
+            stream.sent += 1
+            self.inflight[block.seq] = (block.ring, block.slot, tracker)
+            self.last_sent = now
+        return True
+
+    # -- the end ------------------------------------------------------------------------------
+    def end(self, err: CloneError | None, send_error: bool) -> list[tuple[int, int, Any]]:
+        """ENDED: the snapshot ends, the recipient hears ``err`` when ``send_error``.
+        Returns the in-flight slots to free once ZeroMQ is done with them; the other
+        slots go back to their rings here."""
+        self.phase = Phase.ENDED
+        if self.snapshot is not None:
+            self.snapshot.end()
+        if send_error and err is not None:
+            for ident in self.streams:
+                self.server.reply(ident, P.error_response(err.errno, err.message))
+        for block in self.ready:
+            self.server.ring_of(block.ring).release(block.slot)
+        assert self.server.ring is not None
+        for block in self.to_compress:
+            self.server.ring.release(block.slot)
+        # blocks still in a compressor come back tagged with the old clone: freed then
+        held = list(self.inflight.values())
+        self.inflight.clear()
+        self.ready.clear()
+        self.to_compress.clear()
+        return held

@@ -1,0 +1,443 @@
+"""Moving blocks from the donor to the writers: streams, credit, tuning, counters.
+
+A :class:`Transfer` runs in the recipient's coordinator and owns the ZeroMQ streams
+(DEALER sockets, one TCP connection each) of one clone. It sends typed commands
+(:mod:`engine.messages`), waits for answers within bounded times, grants credit, adds
+streams while autotuning says they pay, and hands each block to a writer after
+checking it against the manifest; a block's credit goes back in an ACK once it is on
+disk. It keeps a record of which blocks of the current state are written
+(:meth:`locator`), so that a restart can say where the clone stands.
+
+Flow control is by credit: each stream is granted a share of the ring's slots, so data
+in flight is bounded by the ring whatever the size of the clone. ``should_stop`` is
+polled between messages; every wait is bounded (``connect_timeout`` for the handshake,
+``idle_timeout`` for a donor that falls silent).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from engine import messages as M
+from engine import protocol as P
+from engine.config import CloneConfig
+from engine.errors import (
+    CloneError,
+    CloneInProgress,
+    DonorError,
+    NetworkError,
+    ProtocolError,
+    QueryInterrupted,
+    StageCrashed,
+    TooManyClones,
+    by_number,
+)
+from engine.ring import Ring
+from engine.stage import Pipeline
+from engine.throttle import MiB
+from engine.transport import dealer, mapped_errors
+from recipient.manifest import Manifest
+from recipient.tuner import Tuner
+from recipient.writer import Piece, WriteOrder, Writer
+
+log = logging.getLogger("clone_agent.recipient")
+
+#: Streams open at the start of an autotuned clone: one, as MySQL.
+START_STREAMS = 1
+WRITERS_READY_TIMEOUT = 60.0  #: seconds for the writer processes to start
+#: FILES pages asked for ahead of the one being checked: the round trips overlap with
+#: the checks and the directories made, and at most this many pages wait in memory.
+MANIFEST_WINDOW = 4
+PING_EVERY = 2.0  #: seconds between empty ACKs that tell the donor we are alive
+#: Messages read from one stream before the others get a turn.
+BURST = 64
+
+#: Called as the transfer moves: (stage, data bytes, network bytes, streams).
+Progress = Callable[[str, int, int, int], None]
+
+
+@dataclass
+class Timeouts:
+    connect: float = 10.0  #: the handshake (CONFIG, LOCS)
+    idle: float = 60.0  #: a donor silent for this long has failed
+    should_stop: Callable[[], bool] = field(default=lambda: False)
+
+
+def limit_bytes(config: CloneConfig) -> int:
+    """The stricter of the data and network bandwidth limits, in bytes/s (0: none)."""
+    mib = min((m for m in (config.max_data_bandwidth, config.max_network_bandwidth) if m),
+              default=0)
+    return mib * MiB
+
+
+class Transfer:
+    """The streams of one clone, from INIT to EXIT. ``close()`` ends them."""
+
+    def __init__(self, url: str, config: CloneConfig, timeouts: Timeouts,
+                 progress: Progress) -> None:
+        self.url = url
+        self.clone_config = config
+        self.t = timeouts
+        self.progress = progress
+        self.ctx: zmq.Context[Any] | None = zmq.Context(io_threads=2)
+        self.streams: list[zmq.Socket[Any]] = []
+        self.clone_id = 0
+        self.block_size = 0
+        self.paged = False
+        self.manifest: Manifest | None = None
+        # counters of the current state
+        self.data_bytes = 0
+        self.net_bytes = 0
+        self.blocks_done = 0
+        self.seen: set[int] = set()
+        self.written: P.Locator | None = None
+        # credit
+        self.granted: list[int] = []
+        self.credit_total = 0
+        self.autotune = False
+        self.tuner = Tuner(1)
+        self.started = time.monotonic()
+        #: writes, in this process, the blocks of a writer still starting
+        self.local: Writer | None = None
+        #: answers ([seq, slot]) taken before :meth:`_written`: the coordinator's own,
+        #: and the writers' read while looking for a writer's "ready"
+        self.answers: list[list[int]] = []
+
+    # -- the wire ---------------------------------------------------------------------
+    def send(self, i: int, kind: int, msg: Any) -> None:
+        with mapped_errors("sending to the donor"):
+            self.streams[i].send_multipart(P.command(kind, msg.to_body()), zmq.NOBLOCK)
+
+    def _recv(self, sock: zmq.Socket[Any]) -> P.Message:
+        with mapped_errors("receiving from the donor"):
+            frames = sock.recv_multipart(copy=False)
+        self.net_bytes += sum(len(f.buffer) for f in frames)
+        msg = P.decode(frames, P.RESP)
+        if msg.kind == P.ERROR:
+            err = M.ErrorBody.from_body(msg.body)
+            if err.error_no in (DonorError.errno, TooManyClones.errno, CloneInProgress.errno):
+                raise by_number(err.error_no, err.error_message)
+            raise DonorError(f"{err.error_no} : {err.error_message.rstrip('.')}")
+        return msg
+
+    def wait(self, i: int, timeout: float, what: str, watch_master: bool = False
+             ) -> P.Message:
+        """The next response on stream ``i`` other than KEEPALIVE, within ``timeout``.
+
+        ``watch_master``: stream 0 carries nothing but KEEPALIVE or ERROR now (no data
+        is in flight), so read it too: a donor that ends the clone answers there, and
+        never on a stream it has not seen ATTACH yet."""
+        deadline = time.monotonic() + timeout
+        sock = self.streams[i]
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if watch_master and i:
+            poller.register(self.streams[0], zmq.POLLIN)
+        while True:
+            if self.t.should_stop():
+                raise QueryInterrupted()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NetworkError(f"no answer from the donor to {what} within {timeout:g} s",
+                                   hint="the donor or the network stopped; try again")
+            ready = dict(poller.poll(int(min(left, 0.2) * 1000)))
+            if i and self.streams[0] in ready:
+                msg = self._recv(self.streams[0])  # an ERROR raises
+                if msg.kind != P.KEEPALIVE:
+                    raise ProtocolError(f"{msg.name} on stream 0 before data was asked")
+            if sock in ready:
+                msg = self._recv(sock)
+                if msg.kind != P.KEEPALIVE:
+                    return msg
+
+    def expect(self, i: int, kind: int, what: str, timeout: float | None = None) -> P.Message:
+        """:meth:`wait` for a response of ``kind``; anything else is a protocol error."""
+        msg = self.wait(i, self.t.idle if timeout is None else timeout, what)
+        if msg.kind != kind:
+            raise ProtocolError(f"{msg.name} instead of {P.RESPONSE_NAMES[kind]}")
+        return msg
+
+    # -- the handshake ------------------------------------------------------------------
+    def init(self, init: M.Init) -> None:
+        """Open stream 0 and send INIT (its CONFIG is read by :meth:`config`)."""
+        assert self.ctx is not None
+        self.block_size = init.block_size
+        self.streams.append(dealer(self.ctx, self.url))
+        self.send(0, P.INIT, init)
+
+    def config(self, where: str) -> M.Config:
+        try:
+            msg = self.wait(0, self.t.connect, "INIT")
+        except NetworkError as exc:
+            raise DonorError(
+                f"Connect failed: 2003 : no clone-agent answered at '{where}' "
+                f"within {self.t.connect:g} s",
+                hint="is that `clone-agent serve`? check the port") from exc
+        if msg.kind != P.CONFIG:
+            raise ProtocolError(f"{msg.name} instead of CONFIG")
+        cfg = M.Config.from_body(msg.body, self.block_size)
+        self.clone_id = cfg.clone_id
+        self.block_size = cfg.block_size
+        self.paged = cfg.paged
+        return cfg
+
+    def attach(self, n: int, start: int = 1, before_data: bool = True) -> None:
+        """Open streams ``start`` .. ``n-1`` (ATTACH, LOCS). ``before_data``: no data is
+        in flight yet, so stream 0 is watched for an ERROR meanwhile."""
+        assert self.ctx is not None
+        for i in range(start, n):
+            self.streams.append(dealer(self.ctx, self.url))
+            self.send(i, P.ATTACH, M.Attach(self.clone_id, i))
+        for i in range(start, n):
+            msg = self.wait(i, self.t.connect, "ATTACH", watch_master=before_data)
+            if msg.kind != P.LOCS:
+                raise ProtocolError(f"{msg.name} instead of LOCS")
+
+    def read_manifest(self, manifest: Manifest, cfg: M.Config, slots: int) -> None:
+        """FILES pages, MANIFEST_WINDOW of them asked for ahead; data credit as soon as
+        the last page is asked for. The donor answers a stream's commands in order, so
+        every FILES page comes before the first block on stream 0, and the donor's
+        first reads and sends overlap with the checks here. A donor that does not say
+        its page size is asked one page at a time, and credit follows the last."""
+        self.manifest = manifest
+        pages = max(1, -(-cfg.files // cfg.files_page)) if cfg.files_page else 0
+        asked = page = 0
+        credited = False
+        while True:
+            while asked <= page or (asked < pages and asked - page < MANIFEST_WINDOW):
+                self.send(0, P.EXECUTE, M.Execute(self.clone_id, "files", page=asked))
+                asked += 1
+            if not credited and asked == pages:
+                self.grant_credit(slots)
+                credited = True
+            msg = self.wait(0, self.t.idle, "EXECUTE files")
+            files = M.FilesPage.from_body(msg.body) if msg.kind == P.FILES else None
+            if files is None or files.page != page:
+                raise ProtocolError(f"{msg.name} instead of FILES page {page}")
+            last = manifest.add_page(files)
+            if last != (page == pages - 1) and pages:
+                raise ProtocolError(f"FILES page {page} of {pages} says last={last}")
+            if last:
+                break
+            page += 1
+        if not credited:
+            self.grant_credit(slots)
+        if len(manifest.items) != cfg.files:
+            raise ProtocolError("manifest shorter than announced")
+
+    def next_state(self, name: str) -> M.State:
+        """Ask the donor for the next snapshot state; its STATE answer."""
+        self.send(0, P.EXECUTE, M.Execute(self.clone_id, "state", state=name))
+        msg = self.wait(0, self.t.idle, f"EXECUTE {name}")
+        if msg.kind != P.STATE:
+            raise ProtocolError(f"{msg.name} instead of STATE {name}")
+        state = M.State.from_body(msg.body)
+        if state.state != name:
+            raise ProtocolError(f"STATE {state.state!r} instead of {name}")
+        return state
+
+    # -- credit -------------------------------------------------------------------------
+    def grant_credit(self, slots: int) -> None:
+        """Credit: the ring's slots (fewer under a bandwidth limit: about a tenth of a
+        second in flight), shared evenly by the streams and rebalanced as they grow."""
+        limit = limit_bytes(self.clone_config)
+        if limit:
+            slots = min(slots, max(2, limit // 10 // self.block_size + 1))
+        self.credit_total = slots
+        self.granted = [0] * len(self.streams)
+        for i in range(len(self.streams)):
+            self.send(i, P.EXECUTE, M.Execute(self.clone_id, "data", credit=0))
+        self._rebalance({})
+
+    def _rebalance(self, acked: dict[int, list[int]]) -> None:
+        """ACK what was written; hand each stream credit up to its share of the total."""
+        n = len(self.streams)
+        share = [self.credit_total // n + (1 if i < self.credit_total % n else 0)
+                 for i in range(n)]
+        for i, seqs in acked.items():
+            self.granted[i] -= len(seqs)
+        pool = self.credit_total - sum(self.granted)
+        for i in range(n):
+            give = max(0, min(share[i] - self.granted[i], pool))
+            pool -= give
+            self.granted[i] += give
+            if give or acked.get(i):
+                self.send(i, P.ACK, M.Ack(self.clone_id, acked.get(i, []), give))
+
+    def _add_streams(self, count: int, poller: zmq.Poller) -> None:
+        """Autotuning: open streams up to ``count`` (ATTACH, then data with no credit)."""
+        first = len(self.streams)
+        self.attach(count, start=first, before_data=False)
+        for i in range(first, count):
+            poller.register(self.streams[i], zmq.POLLIN)
+            self.granted.append(0)
+            self.send(i, P.EXECUTE, M.Execute(self.clone_id, "data", credit=0))
+        log.debug("autotune: %d streams", count)
+
+    # -- blocks ---------------------------------------------------------------------------
+    def begin_state(self, state: int, total_blocks: int) -> None:
+        """Counters and the record of written blocks start again for a new state."""
+        self.data_bytes = self.net_bytes = self.blocks_done = 0
+        self.seen.clear()
+        self.written = P.Locator(self.clone_id, "", state, total_blocks)
+
+    def locator(self) -> P.Locator | None:
+        """Where the clone stands: the blocks of the current state on disk."""
+        return self.written
+
+    def run(self, stage: str, total_blocks: int, ring: Ring, writers: Pipeline) -> None:
+        """Receive every block of ``stage``, hand it to a writer, acknowledge it once it
+        is written; returns after COMPLETE, when the last block is on disk."""
+        poller = zmq.Poller()
+        for sock in self.streams:
+            poller.register(sock, zmq.POLLIN)
+        for fd in writers.fds + writers.sentinels():
+            poller.register(fd, zmq.POLLIN)
+        origin: dict[int, tuple[int, int]] = {}  # block seq -> (stream index, span)
+        complete = False
+        last_heard = last_ping = time.monotonic()
+        self.tuner.reset(last_heard, self.data_bytes, len(self.streams))
+        while not (complete and self.blocks_done == total_blocks):
+            if self.t.should_stop():
+                raise QueryInterrupted()
+            events = dict(poller.poll(writers.poll_ms(200)))
+            now = time.monotonic()
+            grow = self.tuner.sample(now, self.data_bytes) if self.autotune else None
+            if grow is not None and not complete:
+                self._add_streams(grow, poller)
+                self._rebalance({})
+            for i, sock in enumerate(self.streams):
+                if sock in events and self._drain(i, sock, stage, ring, writers, origin,
+                                                  total_blocks):
+                    complete = True
+                if sock in events:
+                    last_heard = now
+            if self._acknowledge(writers, ring, origin):
+                last_ping = now
+            if now - last_ping > PING_EVERY:
+                self.send(0, P.ACK, M.Ack(self.clone_id, [], 0))
+                last_ping = now
+            if now - last_heard > self.t.idle:
+                raise NetworkError(f"the donor has been silent for {self.t.idle:g} s")
+            self.progress(stage, self.data_bytes, self.net_bytes, len(self.streams))
+        if len(self.seen) != total_blocks:
+            raise ProtocolError(f"COMPLETE after {len(self.seen)} of {total_blocks} blocks")
+
+    def _drain(self, i: int, sock: zmq.Socket[Any], stage: str, ring: Ring,
+               writers: Pipeline, origin: dict[int, tuple[int, int]], total: int) -> bool:
+        """Read what stream ``i`` has (a burst at most); True when COMPLETE came."""
+        complete = False
+        for _ in range(BURST):
+            if not sock.poll(0):
+                break
+            msg = self._recv(sock)
+            if msg.kind == P.DATA_DESC:
+                self._on_block(i, msg, ring, writers, origin, total)
+            elif msg.kind == P.COMPLETE:
+                complete = True
+            elif msg.kind != P.KEEPALIVE:
+                raise ProtocolError(f"unexpected {msg.name} during {stage}")
+        return complete
+
+    def _acknowledge(self, writers: Pipeline, ring: Ring,
+                     origin: dict[int, tuple[int, int]]) -> bool:
+        """Free and ACK every block written since the last call; True if any was."""
+        acks: dict[int, list[int]] = {}
+        for seq, slot in self._written(writers):
+            ring.release(slot)
+            self.blocks_done += 1
+            stream_index, span = origin.pop(seq)
+            self.data_bytes += span  # data counts what is written, as it is written
+            assert self.written is not None
+            self.written.block_done(seq)
+            acks.setdefault(stream_index, []).append(seq)
+        if acks:
+            self._rebalance(acks)
+        return bool(acks)
+
+    def _pieces(self, desc: M.BlockDesc) -> list[Piece]:
+        """The block's segments as writes into the manifest's files, each checked."""
+        assert self.manifest is not None
+        out = []
+        for fid, off, size in desc.segs:
+            item = self.manifest.file(fid)
+            if off + size > item.size:
+                raise ProtocolError(f"block {desc.seq} writes outside {item.rel!r}")
+            if off == 0 and size == item.size and not self.paged:
+                # The whole file in one segment: its writer finishes it (mode, times).
+                # Not in a page store's clone: PAGE COPY may write its pages again.
+                out.append(Piece(item.rel, off, size, item.mode, item.mtime_ns))
+                self.manifest.done.add(fid)
+            else:
+                out.append(Piece(item.rel, off, size))
+        return out
+
+    def _on_block(self, stream: int, msg: P.Message, ring: Ring, writers: Pipeline,
+                  origin: dict[int, tuple[int, int]], total_blocks: int) -> None:
+        desc = M.BlockDesc.from_body(msg.body, len(msg.payload), self.block_size,
+                                     total_blocks)
+        if desc.seq in self.seen:
+            raise ProtocolError(f"block {desc.seq} sent twice")
+        pieces = self._pieces(desc)
+        slot = ring.acquire()
+        if slot is None:
+            raise ProtocolError("the donor sent more blocks than its credit")
+        ring.slot(slot, desc.length)[:] = msg.payload
+        self.seen.add(desc.seq)
+        origin[desc.seq] = (stream, desc.span)
+        # A batch of small files creates files: keep a directory on one writer, so that
+        # two writers do not spin on the same directory lock (ext4 holds it while it
+        # allocates an inode). Blocks of big files go to the least loaded writer.
+        writer = hash(pieces[0].rel.rpartition("/")[0]) % writers.n if len(pieces) > 1 \
+            else writers.least_loaded()
+        order = WriteOrder(desc.seq, slot, desc.length, desc.xxh, desc.comp, desc.raw, pieces)
+        if not writers.is_ready(writer):
+            # Its "ready" may wait unread in its channel (nothing read the writers while
+            # the manifest came): read them now rather than write here for nothing.
+            self.answers += [payload for _, _, payload in writers.events()]
+        if writers.is_ready(writer):
+            writers.submit(writer, order.to_wire())
+        else:
+            assert self.local is not None
+            self.answers.append(self.local.handle(order.to_wire()))
+
+    def _written(self, writers: Pipeline) -> list[list[int]]:
+        """``[seq, slot]`` of every block written since the last call: by the writers,
+        and by the coordinator itself for a writer still starting. Credit is granted
+        before the writers are up (they boot while the handshake and the manifest
+        travel), and the first blocks would otherwise wait for them in the ring."""
+        done = [payload for _, _, payload in writers.events()]
+        if self.answers:
+            done += self.answers
+            self.answers = []
+        if not writers.all_ready and time.monotonic() - self.started > WRITERS_READY_TIMEOUT:
+            raise StageCrashed("writer", f"not ready within {WRITERS_READY_TIMEOUT:.0f} s")
+        return done
+
+    # -- ending ---------------------------------------------------------------------------
+    def finish(self) -> None:
+        self.send(0, P.EXIT, M.Exit(self.clone_id, True))
+
+    def abort(self, err: CloneError) -> None:
+        """Tell the donor the clone failed (best effort: the network may be the cause)."""
+        if self.streams and self.clone_id:
+            try:
+                self.streams[0].send_multipart(
+                    P.command(P.EXIT, M.Exit(self.clone_id, False, err.errno,
+                                             err.message).to_body()), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def close(self) -> None:
+        for sock in self.streams:
+            sock.close(linger=200)
+        self.streams = []
+        if self.ctx is not None:
+            self.ctx.term()
+            self.ctx = None
