@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import zmq
 
+from engine import messages as M
 from engine import protocol as P
 from engine.codec import checksum
 from tests.helpers import free_port, run_cli
@@ -59,47 +60,52 @@ class FakeDonor(threading.Thread):
                 ident, *frames = sock.recv_multipart()
                 msg = P.decode(frames, P.CMD)
                 if msg.kind == P.INIT:
-                    body = {"version": 1, "clone_id": 1, "files": self.announce_files,
-                            "blocks": len(self.blocks), "bytes": 0,
-                            "block_size": self.block_size}
-                    if self.files_page:
-                        body["files_page"] = self.files_page
-                    if self.states is not None:
-                        body["paged"] = True
+                    body = M.Config(version=1, clone_id=1, files=self.announce_files,
+                                    blocks=len(self.blocks), bytes=0,
+                                    block_size=self.block_size, files_page=self.files_page,
+                                    paged=self.states is not None).to_body()
+                    if not self.files_page:
+                        del body["files_page"]  # a donor that does not page its manifest
                     sock.send_multipart([ident, *P.response(P.CONFIG, body)])
                 elif msg.kind == P.EXECUTE and msg.body["what"] == "files":
                     page, size = msg.body["page"], self.files_page or len(self.entries)
                     # paged: a page of entries, but "last" on every page
-                    body = {"page": page, "entries": self.entries[page * size:][:size],
-                            "last": True}
-                    sock.send_multipart([ident, *P.response(P.FILES, body)])
+                    files = M.FilesPage(page, self.entries[page * size:][:size], True)
+                    sock.send_multipart([ident, *P.response(P.FILES, files.to_body())])
                 elif msg.kind == P.ATTACH:
-                    sock.send_multipart([ident, *P.response(P.LOCS, {"clone_id": 1})])
+                    locs = M.Locs(1, msg.body["stream"])
+                    sock.send_multipart([ident, *P.response(P.LOCS, locs.to_body())])
                 elif msg.kind == P.EXECUTE and msg.body["what"] == "data" and not sent:
                     sent = True
                     extra = [self.blocks[-1]] * self.extra_blocks if self.extra_blocks else []
                     for desc, data in self.blocks + extra:
                         sock.send_multipart([ident, *P.response(P.DATA_DESC, desc, data)])
                     if self.states is not None:
-                        sock.send_multipart([ident, *P.response(P.COMPLETE, {"clone_id": 1})])
+                        self._complete(sock, ident, "FILE COPY", len(self.blocks))
                 elif msg.kind == P.EXECUTE and msg.body["what"] == "state" and self.states:
                     name = msg.body["state"]
                     extra_body, blocks = self.states[name]
-                    body = {"clone_id": 1, "state": name, "blocks": len(blocks),
-                            "bytes": sum(len(d) for _, d in blocks), "sizes": {}, **extra_body}
-                    sock.send_multipart([ident, *P.response(P.STATE, body)])
+                    body = M.State(1, name, len(blocks), sum(len(d) for _, d in blocks)
+                                   ).to_body()
+                    sock.send_multipart([ident, *P.response(P.STATE, {**body, **extra_body})])
                     for desc, data in blocks:
                         sock.send_multipart([ident, *P.response(P.DATA_DESC, desc, data)])
-                    sock.send_multipart([ident, *P.response(P.COMPLETE, {"clone_id": 1})])
+                    self._complete(sock, ident, name, len(blocks))
         finally:
             sock.close()
             ctx.term()
 
 
+    @staticmethod
+    def _complete(sock: zmq.Socket[Any], ident: bytes, state: str, blocks: int) -> None:
+        body = M.Complete(1, state, blocks).to_body()
+        sock.send_multipart([ident, *P.response(P.COMPLETE, body)])
+
+
 def _block(seq: int, segs: list[list[int]], data: bytes, **override: Any) -> tuple[dict, bytes]:
-    desc = {"seq": seq, "len": len(data), "raw": len(data), "span": len(data), "comp": 0,
-            "xxh": checksum(data), "segs": segs, **override}
-    return desc, data
+    """A block as the schema writes it, with ``override`` (hostile) fields on top."""
+    desc = M.BlockDesc(seq, len(data), len(data), 0, checksum(data), len(data), segs)
+    return {**desc.to_body(), **override}, data
 
 
 def assert_refused(res: subprocess.CompletedProcess[str], dest: Path) -> None:
