@@ -52,6 +52,57 @@ from engine.pagestore.store import write_control
 MAX_NEW_PAGES = 1 << 24
 
 
+class _Registry:
+    """The tablespaces as the archive is read: those of the consistent point, and
+    those the archive itself creates."""
+
+    def __init__(self, registry: dict[int, tuple[str, int]], names: Collection[str],
+                 page_size: int) -> None:
+        self.live = {sid: p for sid, (p, _) in registry.items()}  # as of the record read
+        self.created: dict[int, str] = {}
+        self.pages_of = {sid: n for sid, (_, n) in registry.items()}
+        self.names = names
+        self.page_size = page_size
+
+    def check(self, rec: tuple[Any, ...]) -> None:
+        kind, sid = rec[0], rec[1]
+        if kind == R_COMMIT:
+            return
+        if kind == R_SPACE_CREATE:
+            self._create(sid, rec[2], check_relpath(rec[3], RESERVED_PAGED))
+        elif kind == R_SPACE_DROP:
+            if self.live.get(sid) != rec[2]:
+                raise UnsafeName(f"archived redo drops {rec[2][:200]!r}, which is not "
+                                 f"tablespace {sid} of the clone")
+            del self.live[sid]
+        elif kind in (R_WRITE, R_INIT, R_SPACE_EXTEND):
+            if sid not in self.pages_of:
+                raise UnsafeName(f"archived redo writes to tablespace {sid}, "
+                                 "which the clone does not hold")
+            if kind == R_WRITE and rec[3] + len(rec[4]) > self.page_size:
+                raise ProtocolError(f"archived redo writes past the end of page "
+                                    f"{rec[2]} of tablespace {sid}")
+            last = rec[2] if kind == R_SPACE_EXTEND else rec[2] + 1
+            if last > self.pages_of[sid]:
+                raise ProtocolError(f"archived redo writes page {rec[2]} of "
+                                    f"tablespace {sid}, past its {self.pages_of[sid]} pages")
+
+    def _create(self, sid: int, pages: int, rel: str) -> None:
+        known = self.live.get(sid) or self.created.get(sid)
+        if known is not None:
+            if known != rel:
+                raise UnsafeName(f"archived redo creates tablespace {sid} as {rel!r}, "
+                                 "which the clone knows by another name")
+            return
+        if rel in self.names or rel in self.live.values() or rel in self.created.values():
+            raise UnsafeName(f"archived redo creates tablespace {sid} over {rel!r}, "
+                             "a file of the clone")
+        if pages > MAX_NEW_PAGES:
+            raise ProtocolError(f"archived redo creates {pages} pages")
+        self.created[sid] = self.live[sid] = rel
+        self.pages_of[sid] = MAX_NEW_PAGES
+
+
 def check_archive(path: str, archive_lsn: int, registry: dict[int, tuple[str, int]],
                   names: Collection[str], page_size: int) -> int:
     """Check every record RECOVERY would replay from the archive at ``path``.
@@ -61,9 +112,7 @@ def check_archive(path: str, archive_lsn: int, registry: dict[int, tuple[str, in
     mini-transactions were checked; raises :class:`ProtocolError` (3863) at the first
     record that names a path or a page outside what the clone holds. Reads the same
     frames, in the same way, as the page store's recovery will."""
-    live = {sid: p for sid, (p, _) in registry.items()}  # as of the record being read
-    created: dict[int, str] = {}  # by the archive itself
-    pages_of = {sid: n for sid, (_, n) in registry.items()}
+    spaces = _Registry(registry, names, page_size)
     mtrs = 0
     with open(path, "rb") as fh:
         for mtr in scan_stream(fh, archive_lsn):
@@ -73,39 +122,7 @@ def check_archive(path: str, archive_lsn: int, registry: dict[int, tuple[str, in
             except (ValueError, struct.error) as exc:
                 raise ProtocolError(f"archived redo at LSN {mtr.start_lsn}: {exc}") from None
             for rec in records:
-                kind, sid = rec[0], rec[1]
-                if kind == R_COMMIT:
-                    continue
-                if kind == R_SPACE_CREATE:
-                    rel = check_relpath(rec[3], RESERVED_PAGED)
-                    if sid in live or sid in created:
-                        if (live.get(sid) or created.get(sid)) != rel:
-                            raise UnsafeName(f"archived redo creates tablespace {sid} as "
-                                             f"{rel!r}, which the clone knows by another name")
-                        continue
-                    if rel in names or rel in live.values() or rel in created.values():
-                        raise UnsafeName(f"archived redo creates tablespace {sid} over "
-                                         f"{rel!r}, a file of the clone")
-                    if rec[2] > MAX_NEW_PAGES:
-                        raise ProtocolError(f"archived redo creates {rec[2]} pages")
-                    created[sid] = live[sid] = rel
-                    pages_of[sid] = MAX_NEW_PAGES
-                elif kind == R_SPACE_DROP:
-                    if live.get(sid) is None or live[sid] != rec[2]:
-                        raise UnsafeName(f"archived redo drops {rec[2][:200]!r}, which is not "
-                                         f"tablespace {sid} of the clone")
-                    del live[sid]
-                elif kind in (R_WRITE, R_INIT, R_SPACE_EXTEND):
-                    if sid not in pages_of:
-                        raise UnsafeName(f"archived redo writes to tablespace {sid}, "
-                                         "which the clone does not hold")
-                    if kind == R_WRITE and rec[3] + len(rec[4]) > page_size:
-                        raise ProtocolError(f"archived redo writes past the end of page "
-                                            f"{rec[2]} of tablespace {sid}")
-                    last = rec[2] if kind == R_SPACE_EXTEND else rec[2] + 1
-                    if last > pages_of[sid]:
-                        raise ProtocolError(f"archived redo writes page {rec[2]} of "
-                                            f"tablespace {sid}, past its {pages_of[sid]} pages")
+                spaces.check(rec)
     return mtrs
 
 
