@@ -240,7 +240,7 @@ def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None,
                 # Destinations stay until the shape is done when the disk has room:
                 # ext4 without a journal skips inodes freed in the last 5 to 10 s at
                 # every file it creates, so a tool timed right after a removal would
-                # pay for its predecessor's (0.33 instead of 0.02 ms a file here). A
+                # pay for its predecessor's (docs/bench.md, Protocol). A
                 # kept destination leaves the page cache, so that memory pressure from
                 # earlier runs does not weigh on later ones either.
                 keep = not remove_each and \
@@ -316,8 +316,8 @@ def _timelines(src: Path, donor: ServeProcess, tmp: Path, quick: bool,
     """One clone's throughput over time, unthrottled and throttled; throttle accuracy.
 
     The throttled clone gets a tree of its own, sized for about 8 seconds at a limit
-    below what this machine's disks sustain (about 50 MiB/s once the page cache must
-    write back): a limit above that would measure the disk, not the limiter."""
+    below what a modest disk sustains once the page cache must write back: a limit
+    above that would measure the disk, not the limiter."""
     out: dict[str, Any] = {}
     limit = 32
     small = tmp / "throttle-src"

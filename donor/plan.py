@@ -76,9 +76,8 @@ def plan(entries: list[Entry], block_size: int = BLOCK_SIZE) -> list[list[Segmen
     """Cut the files into blocks; each block is a list of segments.
 
     A file's tail travels in a batch like a small file: as a block of its own, the few
-    KiB that end a 4.01 MiB file cost a block's round trip through six processes (a
-    sixth of the blocks of the 1 GiB mixed tree; without them a clone takes 0.97x the
-    time, the median of three runs of 14 to 20 interleaved pairs: 0.93, 0.99, 0.97).
+    KiB that end a file just over a block would cost a whole block's round trip through
+    six processes for almost no bytes (docs/bench.md has the gain).
 
     Blocks of batched small files are spread evenly among the blocks of big files
     rather than sent at the end: creating thousands of files costs the recipient CPU

@@ -1,4 +1,5 @@
-"""The donor's snapshot state machine over the page store (DESIGN.md, "The snapshot").
+"""The donor's snapshot state machine over the page store (docs/architecture.md, "The
+snapshot"; MySQL's snapshot states in docs/mysql.md).
 
 Runs in the donor's coordinator, which owns the :class:`PageStore` (and runs any live
 workload in a thread of the same process, under the store's latch).
@@ -8,7 +9,7 @@ workload in a thread of the same process, under the store's latch).
    as it is (pages may be fuzzy or torn: each such page is tracked).
 2. PAGE COPY: start redo archiving, then stop tracking (one latch, so no change falls
    between); the tracked pages, sorted and de-duplicated, are read fresh here (from
-   the buffer pool when they are there) and sent as blocks of up to 1 MiB.
+   the buffer pool when they are there) and sent as many whole pages to a block.
 3. REDO COPY: the consistent point (the clone LSN at a transaction boundary, with the
    binlog position and the GTID set) ends archiving; the archive is sent as a file.
 

@@ -1,6 +1,7 @@
 """Block framing: xxh3 checksums, compression (none / lz4 / zstd), segment lists.
 
-A *block* is the unit of one data message (about 1 MiB, like MySQL's data packets).
+A *block* is the unit of one data message (2 MiB unless negotiated smaller; MySQL's
+data packets carry 1 MiB).
 Its bytes are the concatenation of its *segments* (``[file_id, offset, length]``),
 so that many small files share one block. The checksum is xxh3_64 of the bytes as
 they travel (after compression, when compressed), and is checked before anything
@@ -30,8 +31,9 @@ def block_size_for(limit_bytes_per_s: int) -> int:
     """The block size a recipient asks for: BLOCK_SIZE, or under a bandwidth limit the
     largest power of two of at most 1/32 s of the limit (64 KiB .. 1 MiB), so that one
     block stays a small part of the 2-s window in which a limit must hold to 5%.
-    Fewer, bigger blocks cost less CPU a GiB (per-block work in four processes):
-    2 MiB blocks took 0.90x the recipient's CPU of 1 MiB ones on a 1 GiB tree."""
+    Fewer, bigger blocks cost less CPU a GiB, since every block costs Python work and
+    ZeroMQ messages in four processes; bigger than 2 MiB would raise the recipient's
+    memory (its ring keeps at least 8 slots) for little gain (docs/bench.md)."""
     if not limit_bytes_per_s:
         return BLOCK_SIZE
     size = MIN_BLOCK

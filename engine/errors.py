@@ -3,7 +3,7 @@
 Every expected failure is a :class:`CloneError` subclass. The command line prints
 ``ERROR <no> (<sqlstate>): <message>`` and, where there is one, ``hint: <hint>``, and
 exits with :func:`exit_status`. Numbers follow MySQL's clone plugin where MySQL has
-one (see ../shared/MYSQL.md); numbers of our own start at 8000 and are listed in the
+one (docs/mysql.md); numbers of our own start at 8000 and are listed in the
 README. Retryable-or-fatal is an attribute (``retryable``), never a match on text.
 """
 
@@ -223,7 +223,7 @@ class NoStatus(CloneError):
     default_hint = "status reads DIR/#clone/ of a clone destination"
 
 
-#: One table from error class to exit status (STYLE.md 4); tests pin it.
+#: One table from error class to exit status, so that no caller picks its own; tests pin it.
 EXIT_STATUS_TABLE: dict[type[CloneError], int] = {
     cls: cls.exit_status
     for cls in (
@@ -263,7 +263,8 @@ for _cls in EXIT_STATUS_TABLE:  # the first (most general) class of each number 
 
 
 def outcome_of(exc: BaseException) -> dict[str, Any]:
-    """What a crashed stage sends back to its coordinator (STYLE.md 6)."""
+    """What a crashed stage sends back to its coordinator, which re-raises it as the
+    error it was (number, message, hint) with the worker's traceback for the log."""
     tb = _format(exc)
     if isinstance(exc, OSError):  # translated here as at every other edge: with its hint
         exc = from_oserror(exc, "a file operation")

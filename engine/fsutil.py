@@ -1,7 +1,8 @@
 """Durable writes and the name checks the recipient applies to everything the donor says.
 
-Writes are durable by construction (STYLE.md 11): a temporary name in the same
-directory, fsync, rename, fsync the directory.
+Writes are durable by construction, so that a crash leaves the old content or the new,
+never a mix: a temporary name in the same directory, fsync, rename, fsync the
+directory.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ _LIBC: Any = None
 def libc() -> Any:
     """This process's C library (syncfs, mallopt), loaded at first use: ``dlopen(NULL)``
     finds it without ``ctypes.util.find_library``, which runs ``ldconfig`` in a
-    subprocess (tens of milliseconds in every process that imported this module)."""
+    subprocess, a cost every worker would pay at its start."""
     global _LIBC
     if _LIBC is None:
         import ctypes
@@ -123,7 +124,8 @@ def check_relpath(name: object, reserved: tuple[str, ...] = RESERVED_TOP) -> str
     if len(encoded) > MAX_NAME:
         raise UnsafeName(f"file name of {len(encoded)} bytes exceeds {MAX_NAME}")
     # One encoding for the whole name: "/" is the byte b"/" and nothing else encodes to
-    # it, so the encoded components are the components' encodings (20,000 names a clone).
+    # it, so the encoded components are the components' encodings (every name of a
+    # clone comes through here, so it is encoded once).
     parts = encoded.split(b"/")
     if len(parts) > MAX_DEPTH:
         raise UnsafeName(f"file name {name[:80]!r}... is nested too deep")

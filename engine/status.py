@@ -4,9 +4,10 @@
 (temporary name, rename) at each stage change and at most once a second in between;
 durably (with fsync) when the clone begins and when it ends, so that after a crash
 they read as interrupted or as what the clone ended as. Between those, a stage change
-is not worth a disk flush on the clone's path: about 50 ms a clone here. While a clone
-runs, the error fields hold 1317 "Query execution was interrupted", as MySQL does, so
-that a crashed clone reads as interrupted.
+is not worth a disk flush: the flushes would sit on the clone's path, and a crash is
+read from the begin record anyway. While a clone runs, the error fields hold 1317
+"Query execution was interrupted", as MySQL does, so that a crashed clone reads as
+interrupted.
 
 A clone into a new directory that fails removes the directory, ``#clone/`` with it
 (nothing of a half clone stays). Its final status is then kept where MySQL keeps it,

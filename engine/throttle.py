@@ -1,10 +1,11 @@
 """Cross-process rate limits for clone_max_data_bandwidth and clone_max_network_bandwidth.
 
-One limit is shared by every process and stream (STYLE.md 9: rclone's global token
-bucket would silently multiply if each process kept its own). The state lives in a
-small shared-memory file (``/dev/shm/clone-agent-<pid>-<random>``, unlinked by its
-owner) and is updated under ``lockf`` on that file, so any process that attaches by
-name takes its share from the same budget.
+One limit is shared by every process and stream: a limiter kept in each process's
+memory (as rclone's global token bucket is) would silently multiply the limit by the
+number of processes. The state lives in a small shared-memory file
+(``/dev/shm/clone-agent-<pid>-<random>``, unlinked by its owner) and is updated under
+``lockf`` on that file, so any process that attaches by name takes its share from the
+same budget.
 
 The algorithm is GCRA (virtual scheduling): a shared "theoretical arrival time" TAT
 advances by ``bytes / rate`` for every grant; a caller waits until ``TAT - burst``.

@@ -114,10 +114,10 @@ def mapped_errors(what: str) -> Iterator[None]:
 def tune_allocator() -> None:
     """Keep 1 MiB message buffers in the heap instead of one mmap each.
 
-    ZeroMQ allocates every received message; at 1 MiB, glibc serves each with a fresh
-    mmap that is faulted in page by page and unmapped again (DESIGN.md: lz4 fell from 3
-    to 0.7 GB/s that way). Raising the mmap and trim thresholds lets freed blocks be
-    reused: about 7% less CPU for the recipient of a 1 GiB clone here. Linux/glibc only;
+    ZeroMQ allocates every received message; at 1 MiB and more, glibc serves each with
+    a fresh mmap that is faulted in page by page and unmapped again, so every block pays
+    for page faults and zeroing. Raising the mmap and trim thresholds lets freed blocks
+    be reused from the heap instead (docs/bench.md has the gain). Linux/glibc only;
     elsewhere a no-op. Called once by each coordinator before its sockets exist.
     """
     from engine.fsutil import libc

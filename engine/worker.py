@@ -1,8 +1,9 @@
 """A stage worker's entry point: ``python -m engine.worker FD`` (started by engine/stage.py).
 
-SIGINT is ignored first: the command line alone decides what an interrupt means
-(STYLE.md 8). Then the worker reads its start record from its channel (descriptor FD)
-and runs its handler's loop.
+SIGINT is ignored first: the command line alone decides what an interrupt means (a
+stop at a safe point, then an abort), and its coordinator stops the workers. Then the
+worker reads its start record from its channel (descriptor FD) and runs its handler's
+loop.
 """
 
 import signal

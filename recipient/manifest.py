@@ -7,7 +7,7 @@ Directories are created at once, private (0700), so that no later entry can be a
 link we would follow. A big file without holes (the donor says so) is created at once
 too, and preallocated: the writers' O_DIRECT writes then land in blocks it already
 owns, never extending it, so they need no allocation and no exclusive lock of the file
-(FILE COPY of a 1 GiB mixed tree: 0.91x the time), and a disk too small is found
+(two writers in one big file then do not take turns), and a disk too small is found
 before the first block. Other files are created by the writers as data arrives;
 symbolic links, final permission bits and times are set only at FILE SYNC, after the
 last byte is written, so a link can never redirect a write.

@@ -202,8 +202,8 @@ def test_redo_cut_at_any_transaction_boundary(crashed, tmp_path_factory, k: int)
 
 
 def test_the_recipient_and_its_recovery_run_without_numpy() -> None:
-    """numpy (the bank workload's) costs a recipient's RECOVERY about 0.15 CPU s to import
-    and its BLAS threads to spin: the store alone must not pull it in."""
+    """numpy (the bank workload's) would cost a recipient's RECOVERY its import and its
+    BLAS threads, for nothing: the store alone must not pull it in."""
     code = ("import sys, recipient.client, recipient.recovery, recipient.writer; "
             "from engine.pagestore import PageStore; "
             "sys.exit(1 if 'numpy' in sys.modules else 0)")

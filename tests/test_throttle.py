@@ -1,4 +1,5 @@
-"""The shared rate limit, on a virtual clock (STYLE.md 12), and across processes."""
+"""The shared rate limit, on a virtual clock (timing logic is tested without sleeping),
+and across processes."""
 
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from engine.pagestore.bank import Workload, init_datadir, verify
 
 #: bank.py's names, imported when first used: bank needs numpy, whose import (and its
-#: BLAS threads) cost a clone's recipient about 0.15 CPU s at RECOVERY, which needs
-#: only the store.
+#: BLAS threads) a clone's recipient would pay at RECOVERY for nothing, since RECOVERY
+#: needs only the store.
 _FROM_BANK = ("Workload", "init_datadir", "verify")
 
 

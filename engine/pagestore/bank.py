@@ -1,4 +1,4 @@
-"""The bank of FORMAT.md: ``init`` of a data directory, the live workload, ``verify``.
+"""The bank (docs/format.md): ``init`` of a data directory, the live workload, ``verify``.
 
 Every transaction is one mini-transaction: one transfer between two accounts (both
 records get ``last_txn = T``), a write to a page of another tablespace, the emulated

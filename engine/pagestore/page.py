@@ -1,4 +1,4 @@
-"""The fixed page format of FORMAT.md: a 32-byte header, xxh3 checksums, file headers.
+"""The fixed page format (docs/format.md): a 32-byte header, xxh3 checksums, file headers.
 
 | offset | type | field |
 |---|---|---|

@@ -353,7 +353,7 @@ class PageStore:
         """Ask the kernel at once for every page the redo will touch, in file order.
 
         Read one at a time, pages that are not in the page cache (a clone's, written with
-        O_DIRECT) cost a disk round trip each, about 0.2 ms here; asked for together they
+        O_DIRECT) cost a disk round trip each, one after another; asked for together they
         are read in parallel. A first pass over the log is cheap (it is parsed again to
         apply it); at most PREFETCH_PAGES pages are asked for."""
         wanted: set[tuple[int, int]] = set()
