@@ -1,6 +1,6 @@
 """The clone protocol: message types, framing, limits, version negotiation, locators.
 
-Modelled on MySQL's clone RPC (../shared/MYSQL.md); docs/protocol.md is the full
+Modelled on MySQL's clone RPC (docs/mysql.md); docs/protocol.md is the full
 specification. Every message is one ZeroMQ multipart message:
 
   frame 0  header, 8 bytes: b"CA", u8 protocol version, u8 direction (0 command,

@@ -1,12 +1,12 @@
 """One process stage: a pool of worker processes with a run loop, end-of-stream and outcomes.
 
 ``with Pipeline("reader", "donor.reader:Reader", n, args) as pool:`` starts ``n``
-processes and joins every one on exit (STYLE.md 7). Each is a fresh interpreter
-(fork and exec, as the spawn start method does, so no ZeroMQ context, socket or lock
-crosses a fork, STYLE.md 9), started directly rather than through multiprocessing:
+processes and joins every one on exit, however the block ends. Each is a fresh
+interpreter (fork and exec, as the spawn start method does, so no ZeroMQ context,
+socket or lock crosses a fork), started directly rather than through multiprocessing:
 a spawned child imports multiprocessing and pickle before it can run anything, and the
-first spawn starts multiprocessing's resource-tracker process too (together about a
-tenth of a CPU second a clone here, for machinery the workers do not use).
+first spawn starts multiprocessing's resource-tracker process too, machinery the
+workers do not use (docs/bench.md has the cost).
 
 The descriptor channel: one Unix stream socket pair per worker, made before the worker
 starts; the worker inherits its end and nothing else. It has no name, in the file
@@ -17,18 +17,18 @@ small marshal'd lists, each after its length (:class:`Channel`); bulk bytes stay
 :class:`~engine.ring.Ring`. A descriptor wakes the worker itself, and a reply the
 coordinator: one wake-up each way, where a ZeroMQ ``ipc://`` channel woke the sender's
 I/O thread, the receiver's I/O thread and then the receiver, and the workers need not
-import ZeroMQ or run its threads (a tenth of a second of each one's start here).
+import ZeroMQ or run its threads at their start.
 
 A worker runs ``handler.handle(msg)`` for each descriptor and sends back
 ``["done", index, reply]``. End-of-stream is a ``["stop"]`` descriptor: the worker
 calls ``handler.close()``, sends ``["final", index, stats]`` and exits. An exception
 travels back as ``["crash", index, outcome]`` (type, number, message, traceback) and
-is re-raised in the coordinator as the error it was (STYLE.md 6). A worker that dies
+is re-raised in the coordinator as the error it was. A worker that dies
 without a word (kill -9) closes its end: the coordinator reads the end of the channel
 and reaps it, or sees it through its process sentinel (a pidfd).
 
 Shutdown escalates stop -> join(timeout) -> terminate -> kill, with a warning.
-Workers ignore SIGINT: the command-line process alone decides (STYLE.md 8), and a
+Workers ignore SIGINT: the command-line process alone decides what a Ctrl-C does, and a
 worker whose coordinator vanished exits by itself within a second.
 """
 
@@ -53,7 +53,7 @@ from engine.errors import CloneError, StageCrashed, by_number, outcome_of
 def _log() -> Any:
     """The coordinator's logger. logging and subprocess are imported where the
     coordinator uses them, not at the top: a worker imports this module first and
-    needs neither (with engine.errors' traceback, a third of each worker's imports)."""
+    needs neither (they, and engine.errors' traceback, are much of a worker's imports)."""
     import logging
 
     return logging.getLogger("clone_agent.stage")
@@ -157,8 +157,8 @@ def calm_gc() -> None:
 
     The hot loops allocate a few small dicts and lists per block and make no cycles
     worth chasing; at the default threshold (a collection every 700 allocations) the
-    collector took about 3% of a clone's CPU here, walking the same long-lived objects
-    each time. What exists now (modules, the manifest) is frozen out of its view.
+    collector walks the same long-lived objects again and again (a few percent of a
+    clone's CPU: docs/bench.md). What exists now (modules, the manifest) is frozen out of its view.
     Called once by each coordinator and each worker (below), after start-up."""
     import gc
 
@@ -256,11 +256,10 @@ class _Worker:
     def __init__(self, name: str, sock: socket.socket, path: list[str]) -> None:
         self.name = name
         # A process group of its own: a Ctrl-C at the terminal (sent to the foreground
-        # group) reaches the command line alone, which decides (STYLE.md 8); a worker
-        # still starting would otherwise die of it before it could ignore it. -S: no site
+        # group) reaches the command line alone, which decides; a worker still
+        # starting would otherwise die of it before it could ignore it. -S: no site
         # module (its .pth files, an editable install's import hook): the path it would
-        # build comes on PYTHONPATH (about 0.01 CPU s less a start; with the lazy imports
-        # above, a writer's start is about 0.03 CPU s).
+        # build comes on PYTHONPATH, which makes every worker's start cheaper.
         import subprocess
 
         self._proc = subprocess.Popen(
