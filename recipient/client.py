@@ -191,8 +191,8 @@ class Pull:
             # The writers start while the donor scans its data directory for CONFIG.
             writers = stack.enter_context(Pipeline(
                 "writer", "recipient.writer:Writer", o.writers, writer_args))
-            # The coordinator writes what arrives for a writer still starting (about a
-            # tenth of a second of imports): the first blocks need not wait for it.
+            # The coordinator writes what arrives for a writer still starting (its
+            # interpreter is still importing): the first blocks need not wait for it.
             t.local = Writer(-1, writer_args)
             stack.callback(t.local.close)
             self.dest.attach_status()  # durable, while the donor scans
