@@ -10,7 +10,10 @@
 | worker     | a stage worker's entry point (`python -m engine.worker FD`)               |
 | codec      | block framing, xxh3 checksums, compression (none / lz4 / zstd)            |
 | protocol   | message types, framing, limits, version negotiation, locators            |
+| messages   | the body of every message: one frozen dataclass each, checked on receipt  |
 | transport  | ZeroMQ sockets and options; zmq errors translated at this edge            |
 | fsutil     | durable writes, syncfs, the checks applied to every name from the network |
 | status     | clone_status / clone_progress, persisted under #clone/                   |
+| throttle   | bandwidth limits shared by several processes (a token bucket in shm)      |
+| pagestore/ | the emulated InnoDB-style store: pages, redo, tracking, archiving, recovery |
 """
