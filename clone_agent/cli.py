@@ -4,6 +4,14 @@ Signals are handled here only (STYLE.md 8): the first Ctrl-C or SIGTERM asks the
 running clone or server to stop at a safe point and says so; the second aborts.
 Every expected failure is a CloneError, printed as ``ERROR N (SQLSTATE): message``
 plus ``hint: ...``, and mapped to an exit status by :func:`engine.errors.exit_status`.
+Anything else is a bug or a failure nobody foresaw: ``ERROR 8000 (HY000): <type>:
+<message>``, exit 1, and its traceback only with ``-v`` (standard form: never the local
+variables, which hold the password and the configuration). A single-valued option given
+twice is a usage error (exit 2), never "the last one wins".
+
+The password (``CLONE_AGENT_PASSWORD`` or ``--password-stdin``) never reaches argv, a log,
+a status file or a child process: :func:`main` takes it out of the environment before
+any command runs, so that no process started later inherits it.
 """
 
 from __future__ import annotations
@@ -29,18 +37,24 @@ signal.signal(signal.SIGINT, _interrupted_at_start)
 import logging  # after the handler above, on purpose
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
+import click
 import orjson
 import typer
+from typer.core import TyperCommand
 
 from engine.config import load_config
-from engine.errors import CloneError, UsageError, exit_status
+from engine.errors import EXIT_FAILURE, CloneError, Unexpected, UsageError, exit_status
 
+# typer's pretty exceptions print every frame's local variables: the password, the
+# whole configuration. Off; main() and _Command report what escapes a command.
 app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False, pretty_exceptions_show_locals=False,
                   help="Clone a live data directory between hosts, MySQL clone style.")
 
 log = logging.getLogger("clone_agent")
@@ -69,6 +83,77 @@ def _errors(json_mode: bool = False) -> Iterator[None]:
         yield
     except CloneError as err:
         _fail(err, json_mode)
+
+
+def _unexpected(exc: BaseException, verbose: bool, json_mode: bool) -> NoReturn:
+    """The catch-all: ERROR 8000 with the exception's type and message; the traceback
+    (above it) only with -v. Python's standard form shows code, never local variables."""
+    if verbose:
+        import traceback
+
+        sys.stderr.write("".join(traceback.format_exception(exc)))
+    _fail(Unexpected.of(exc, hint="" if verbose else None), json_mode)
+
+
+def _refuse_repeats(command: click.Command, ctx: click.Context, args: list[str]) -> None:
+    """A single-valued option given twice is a usage error: click keeps the last value
+    silently (``--data-dir A --data-dir B`` would clone into B). The parser lists each
+    option once per occurrence; options that take many values (``multiple``, ``count``)
+    and --help are exempt."""
+    try:
+        _, _, order = command.make_parser(ctx).parse_args(args=list(args))
+    except click.UsageError:
+        return  # the real parse, right after, reports it
+    helps = set(ctx.help_option_names)
+    counts = Counter(p for p in order if isinstance(p, click.Option)
+                     and not p.multiple and not p.count and not helps & set(p.opts))
+    for opt, n in counts.items():
+        if n > 1:
+            raise click.UsageError(f"option '{_spelling(opt, args)}' given "
+                                   f"{'twice' if n == 2 else f'{n} times'}", ctx)
+
+
+def _spelling(opt: click.Option, args: list[str]) -> str:
+    """The option as the user wrote it: ``--data-dir``, or ``-v/--verbose`` for both forms."""
+    names = opt.opts + opt.secondary_opts
+    used: list[str] = []
+    for token in args:
+        if token == "--":
+            break
+        name = token.split("=", 1)[0] if token.startswith("--") else token
+        if name in names and name not in used:
+            used.append(name)
+    return "/".join(used or opt.opts[:1])
+
+
+class _Command(TyperCommand):
+    """Every command: repeated options refused; whatever escapes the command's body is
+    reported in MySQL's form, with its -v and --json (its parameters ``verbose`` and
+    ``json_mode``), not by typer."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        _refuse_repeats(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        json_mode = bool(ctx.params.get("json_mode"))
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort, click.ClickException):
+            raise  # typer.Exit is click's Exit; these are answers, not failures
+        except CloneError as err:  # one raised outside a command's _errors()
+            _fail(err, json_mode)
+        except Exception as exc:
+            _unexpected(exc, bool(ctx.params.get("verbose")), json_mode)
+
+
+def _command(name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return app.command(name, cls=_Command)
+
+
+def _verbose_option() -> Any:
+    return typer.Option(False, "--verbose", "-v",
+                        help="debug logging, and the traceback of an unexpected error")
 
 
 class StopFlag:
@@ -100,13 +185,28 @@ class StopFlag:
             signal.signal(sig, old)
 
 
+_env_password: str | None = None
+_env_password_taken = False
+
+
+def _take_env_password() -> str | None:
+    """CLONE_AGENT_PASSWORD, removed from this process's environment on the first call
+    (from main(), before any command runs): workers are started with a copy of
+    os.environ (engine/stage.py), and none of them may inherit the password."""
+    global _env_password, _env_password_taken
+    if not _env_password_taken:
+        _env_password = os.environ.pop("CLONE_AGENT_PASSWORD", None)
+        _env_password_taken = True
+    return _env_password
+
+
 def _logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="clone-agent: %(message)s", stream=sys.stderr)
 
 
 # -- the page store: init, workload, verify -------------------------------------------------
-@app.command()
+@_command()
 def init(
     datadir: Path = typer.Argument(..., help="the new data directory (must not exist)"),
     size: str = typer.Option("256MiB", "--size", help="approximate total size"),
@@ -114,8 +214,11 @@ def init(
     tables: int = typer.Option(4, "--tables", min=1, max=1000),
     accounts: int = typer.Option(10000, "--accounts", min=2),
     seed: int = typer.Option(0, "--seed"),
+    verbose: bool = _verbose_option(),
 ) -> None:
     """Create a new emulated InnoDB-style data directory."""
+    if verbose:
+        _logging(verbose)
     from engine.config import parse_size
     from engine.pagestore import init_datadir
 
@@ -130,16 +233,17 @@ def init(
                          f"server uuid {control['server_uuid']}\n")
 
 
-@app.command()
+@_command()
 def workload(
     datadir: Path = typer.Argument(...),
     rate: int = typer.Option(0, "--rate", min=0, help="transactions per second (0: max)"),
     duration: Optional[float] = typer.Option(None, "--duration", help="seconds"),
     seed: int = typer.Option(0, "--seed"),
     ddl_timeout: int = typer.Option(300, "--ddl-timeout"),
+    verbose: bool = _verbose_option(),
 ) -> None:
     """Run live writes (bank transfers through the redo log) until stopped."""
-    _logging(False)
+    _logging(verbose)
     from engine.pagestore import PageStore, Workload
 
     with _errors():
@@ -151,12 +255,15 @@ def workload(
                          f"({load.stats.txns} at {load.stats.tps():.0f}/s)\n")
 
 
-@app.command()
+@_command()
 def verify(
     datadir: Path = typer.Argument(...),
     json_mode: bool = typer.Option(False, "--json"),
+    verbose: bool = _verbose_option(),
 ) -> None:
     """Check every page and the bank invariant, offline. Exit 0 when ok."""
+    if verbose:
+        _logging(verbose)
     from engine.pagestore import verify as do_verify
 
     with _errors(json_mode):
@@ -174,14 +281,12 @@ def verify(
 
 
 # -- serve ------------------------------------------------------------------------------
-@app.command()
+@_command()
 def serve(
     datadir: Path = typer.Argument(..., help="the data directory to serve"),
     bind: str = typer.Option(..., "--bind", help="HOST:PORT to listen on"),
     workload: Optional[int] = typer.Option(None, "--workload",
                                            help="also run the live workload at TPS"),
-    users: Optional[Path] = typer.Option(None, "--users", help="users file (later issue)"),
-    metrics_addr: Optional[str] = typer.Option(None, "--metrics-addr", help="HOST:PORT"),
     readers: int = typer.Option(2, "--readers", min=1, max=64,
                                 help="reader processes (ours, not MySQL's)"),
     ddl_every: float = typer.Option(3.0, "--ddl-every", help="seconds between the workload's "
@@ -196,7 +301,7 @@ def serve(
                                        help="drop a clone whose recipient is silent this long"),
     report_tps: bool = typer.Option(False, "--report-tps", hidden=True,
                                     help="print 'tps LAST_TXN CLONING' on stdout each second"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = _verbose_option(),
 ) -> None:
     """The donor agent: serve DATADIR until SIGINT/SIGTERM."""
     _logging(verbose)
@@ -251,9 +356,17 @@ def _parse_source(source: str) -> tuple[str, str, int]:
 
 
 def _password(password_stdin: bool) -> str | None:
-    if password_stdin:
-        return sys.stdin.readline().rstrip("\n")
-    return os.environ.get("CLONE_AGENT_PASSWORD")
+    """One line of stdin with --password-stdin, else CLONE_AGENT_PASSWORD (already out
+    of the environment). Never an argument: argv is readable by every local user."""
+    env_password = _take_env_password()
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else env_password
+    if password is not None:
+        try:
+            password.encode()
+        except UnicodeEncodeError:  # bytes that are not UTF-8, kept as surrogates
+            raise UsageError("the password is not valid UTF-8",  # and never shown
+                             hint="the password travels as UTF-8 text") from None
+    return password
 
 
 def _run_pull(make: Callable[[Any, Callable[[], bool]], Any], json_mode: bool,
@@ -287,14 +400,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
                              f"  {human(row['data_speed'])}/s\n")
 
 
-@app.command()
+@_command()
 def pull(
     source: str = typer.Argument(..., help="USER@HOST:PORT of the donor"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir",
-                                           help="clone into this new absolute path"),
-    replace: Optional[str] = typer.Option(None, "--replace",
-                                          help="replace this data directory in place"),
-    password_stdin: bool = typer.Option(False, "--password-stdin"),
+    data_dir: str = typer.Option(..., "--data-dir",
+                                 help="clone into this new absolute path (must not exist)"),
+    password_stdin: bool = typer.Option(False, "--password-stdin",
+                                        help="read the password as one line of stdin "
+                                        "(else CLONE_AGENT_PASSWORD)"),
     config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file of clone_*"),
     max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency"),
     autotune_concurrency: Optional[bool] = typer.Option(
@@ -305,17 +418,13 @@ def pull(
         None, "--enable-compression/--no-enable-compression"),
     buffer_size: Optional[str] = typer.Option(None, "--buffer-size"),
     ddl_timeout: Optional[int] = typer.Option(None, "--ddl-timeout"),
-    donor_timeout_after_network_failure: Optional[int] = typer.Option(
-        None, "--donor-timeout-after-network-failure"),
     valid_donor_list: Optional[str] = typer.Option(None, "--valid-donor-list"),
-    require_ssl: Optional[bool] = typer.Option(None, "--require-ssl/--require-no-ssl"),
-    ssl_ca: Optional[str] = typer.Option(None, "--ssl-ca"),
     connect_timeout: float = typer.Option(10.0, "--connect-timeout",
                                           help="seconds to reach the donor (ours)"),
     writers: int = typer.Option(2, "--writers", min=1, max=32, hidden=True,
                                 help="writer processes (ours, not MySQL's)"),
     json_mode: bool = typer.Option(False, "--json", help="NDJSON events on stdout"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = _verbose_option(),
 ) -> None:
     """The recipient: clone the donor's data directory."""
     _logging(verbose)
@@ -323,22 +432,11 @@ def pull(
                  max_data_bandwidth=max_data_bandwidth,
                  max_network_bandwidth=max_network_bandwidth,
                  enable_compression=enable_compression, buffer_size=buffer_size,
-                 ddl_timeout=ddl_timeout,
-                 donor_timeout_after_network_failure=donor_timeout_after_network_failure,
-                 valid_donor_list=valid_donor_list, ssl_ca=ssl_ca)
+                 ddl_timeout=ddl_timeout, valid_donor_list=valid_donor_list)
     with _errors(json_mode):
+        password = _password(password_stdin)
         config = load_config(flags, os.environ, config_file)
         user, host, port = _parse_source(source)
-        if (data_dir is None) == (replace is None):
-            raise UsageError("give exactly one of --data-dir DIR and --replace DATADIR")
-        if replace is not None:
-            raise UsageError("--replace is not available in this build",
-                             hint="clone into a new directory with --data-dir")
-        if require_ssl:
-            raise UsageError("REQUIRE SSL: this build has no TLS transport yet",
-                             hint="use --require-no-ssl, or a trusted network")
-        password = _password(password_stdin)
-        assert data_dir is not None
 
     from recipient.client import PullOptions
     from recipient.client import pull as do_pull
@@ -352,12 +450,12 @@ def pull(
     _run_pull(make, json_mode, "the clone")
 
 
-@app.command("clone-local")
+@_command("clone-local")
 def clone_local(
     datadir: Path = typer.Argument(..., help="the data directory to copy"),
     data_dir: str = typer.Option(..., "--data-dir", help="the new absolute path"),
     json_mode: bool = typer.Option(False, "--json"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = _verbose_option(),
 ) -> None:
     """CLONE LOCAL DATA DIRECTORY: the same snapshot, without a network."""
     _logging(verbose)
@@ -398,13 +496,16 @@ def _status_view(dest: str) -> dict[str, Any]:
     return data
 
 
-@app.command()
+@_command()
 def status(
     dest: Path = typer.Argument(..., help="the clone's destination"),
     json_mode: bool = typer.Option(False, "--json"),
     watch: bool = typer.Option(False, "--watch", help="refresh every second until it ends"),
+    verbose: bool = _verbose_option(),
 ) -> None:
     """Show clone_status and clone_progress for the clone into DEST."""
+    if verbose:
+        _logging(verbose)
     from clone_agent.progress import human
 
     with _errors(json_mode):
@@ -431,12 +532,15 @@ def status(
 
 
 # -- demo and bench ---------------------------------------------------------------------
-@app.command()
+@_command()
 def demo(
     size: str = typer.Option("384MiB", "--size", help="size of the sample data directory"),
     rate: int = typer.Option(0, "--rate", help="donor workload TPS (0: as fast as it can)"),
+    verbose: bool = _verbose_option(),
 ) -> None:
     """Init a data directory, serve it with a live workload, clone it, verify, clean up."""
+    if verbose:
+        _logging(verbose)
     from bench.demo import run_demo
     from engine.config import parse_size
 
@@ -444,7 +548,7 @@ def demo(
         run_demo(parse_size(size), rate)
 
 
-@app.command()
+@_command()
 def bench(
     quick: bool = typer.Option(False, "--quick"),
     json_mode: bool = typer.Option(False, "--json"),
@@ -457,10 +561,14 @@ def bench(
     remove_each: bool = typer.Option(False, "--remove-each", help="remove each destination "
                                      "right after its run (the next tool then pays for "
                                      "the freed inodes; see docs/architecture.md)"),
+    verbose: bool = _verbose_option(),
 ) -> None:
     """clone-agent side by side with plain-tool baselines, on the same data, in one run."""
     from bench.link import run_link_bench
     from bench.suite import run_bench
+
+    if verbose:
+        _logging(verbose)
 
     with _errors(json_mode):
         if link:
@@ -476,22 +584,43 @@ def bench(
 def main() -> None:
     from engine.stage import end_resource_tracker
 
+    _take_env_password()  # before anything can start a process
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here: KeyboardInterrupt
     if _interrupted_early:
         sys.stderr.write(_INTERRUPTED)
         sys.exit(1)
     try:
-        app()
-    except KeyboardInterrupt:
-        sys.stderr.write(_INTERRUPTED)
-        sys.exit(1)
-    except SystemExit as exc:
-        if exc.code == 130:  # typer's exit for a Ctrl-C it caught before a command ran
-            sys.stderr.write(_INTERRUPTED)
-            sys.exit(1)
-        raise
+        status = _run()
     finally:
         end_resource_tracker()
+    sys.exit(status)
+
+
+def _run() -> int:
+    """Run the command line; its exit status. Not click's standalone mode, whose usage
+    errors typer draws in a box that wraps long lines: here they are click's plain
+    ``Error: ...`` line after the usage, on stderr, exit 2."""
+    try:
+        status = app(standalone_mode=False)
+    except KeyboardInterrupt:
+        sys.stderr.write(_INTERRUPTED)
+        return EXIT_FAILURE
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        sys.stderr.write("Aborted!\n")
+        return EXIT_FAILURE
+    except Exception as exc:  # raised outside a command's body (its parsing, say)
+        argv = sys.argv[1:]
+        try:
+            _unexpected(exc, "-v" in argv or "--verbose" in argv, "--json" in argv)
+        except click.exceptions.Exit as out:
+            return out.exit_code
+    if status == 130:  # typer's answer to a Ctrl-C it caught before a command ran
+        sys.stderr.write(_INTERRUPTED)
+        return EXIT_FAILURE
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

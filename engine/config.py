@@ -4,20 +4,27 @@
 :func:`load_config` (precedence: flag > environment ``CLONE_AGENT_<NAME>`` > TOML file
 > default, as CLI.md says); engine code receives it and never reads ``os.environ``
 (STYLE.md 10). A wrong value raises :class:`~engine.errors.WrongValueForVar`, which
-names the variable and its range.
+names the variable and its range. A name that is no setting, a TOML key or a
+``CLONE_AGENT_*`` variable, raises :class:`~engine.errors.UnknownVariable`, as mysqld
+refuses to start on an unknown variable in its option file: a misspelt setting is
+never silently ignored. MySQL's clone variables that this build does not implement
+(clone_block_ddl, clone_delay_after_data_drop, clone_donor_timeout_after_network_failure,
+clone_ssl_ca, clone_ssl_cert, clone_ssl_key) and REQUIRE SSL are not settings: they
+are refused the same way, with a hint that says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import InvalidDonorList, SysConfig, WrongValueForVar
+from engine.errors import InvalidDonorList, SysConfig, UnknownVariable, WrongValueForVar
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -61,18 +68,12 @@ VARIABLES: dict[str, Variable] = {
     v.name: v
     for v in (
         Variable("autotune_concurrency", bool, True),
-        Variable("block_ddl", bool, False),
         Variable("buffer_size", int, 4 * MiB, 1 * MiB, 256 * MiB, "bytes"),
         Variable("ddl_timeout", int, 300, 0, 2592000, "seconds"),
-        Variable("delay_after_data_drop", int, 0, 0, 3600, "seconds"),
-        Variable("donor_timeout_after_network_failure", int, 5, 0, 30, "minutes"),
         Variable("enable_compression", bool, False),
         Variable("max_concurrency", int, 16, 1, 128),
         Variable("max_data_bandwidth", int, 0, 0, 1048576, "MiB/s"),
         Variable("max_network_bandwidth", int, 0, 0, 1048576, "MiB/s"),
-        Variable("ssl_ca", str, ""),
-        Variable("ssl_cert", str, ""),
-        Variable("ssl_key", str, ""),
         Variable("valid_donor_list", str, ""),
         # Our own, not MySQL's: the codec used when enable_compression is ON.
         Variable("compression_algorithm", str, "lz4"),
@@ -80,23 +81,37 @@ VARIABLES: dict[str, Variable] = {
 }
 
 
+#: MySQL's clone settings (and REQUIRE SSL) that this build does not implement. They are
+#: not settings: a TOML key or ``CLONE_AGENT_*`` variable naming one is refused, with a
+#: hint that says so, rather than accepted and ignored.
+NOT_IMPLEMENTED = frozenset({
+    "block_ddl", "delay_after_data_drop", "donor_timeout_after_network_failure",
+    "ssl_ca", "ssl_cert", "ssl_key", "require_ssl",
+})
+
+ENV_PREFIX = "CLONE_AGENT_"
+
+#: ``CLONE_AGENT_*`` variables that are not settings, and who reads them: the password
+#: (clone_agent/cli.py, which takes it out of the environment), the folder of status
+#: records (clone_agent/cli.py), bench/'s folder (bench/suite.py) and
+#: the test suite's process tag (tests/conftest.py).
+OTHER_ENVIRONMENT = frozenset({
+    "CLONE_AGENT_PASSWORD", "CLONE_AGENT_STATE_DIR", "CLONE_AGENT_BENCH_DIR",
+    "CLONE_AGENT_TEST_TAG",
+})
+
+
 @dataclass(frozen=True)
 class CloneConfig:
     """The values a clone runs with. Field names are the clone_* names without the prefix."""
 
     autotune_concurrency: bool = True
-    block_ddl: bool = False
     buffer_size: int = 4 * MiB
     ddl_timeout: int = 300
-    delay_after_data_drop: int = 0
-    donor_timeout_after_network_failure: int = 5
     enable_compression: bool = False
     max_concurrency: int = 16
     max_data_bandwidth: int = 0
     max_network_bandwidth: int = 0
-    ssl_ca: str = ""
-    ssl_cert: str = ""
-    ssl_key: str = ""
     valid_donor_list: str = ""
     compression_algorithm: str = "lz4"
 
@@ -141,25 +156,68 @@ def coerce(name: str, value: Any) -> Any:
     return text
 
 
+def _unknown(key: str, where: str, name: str, spell: Callable[[str], str]) -> UnknownVariable:
+    """The error for ``key`` (as the user wrote it), which would name setting ``name``;
+    ``spell`` writes a setting's name in the same form (TOML key or environment variable)."""
+    if name in NOT_IMPLEMENTED:
+        hint = f"{key} is not implemented in this build: remove it"
+    else:
+        close = difflib.get_close_matches(name, VARIABLES, n=1)
+        known = ", ".join(spell(n) for n in VARIABLES)
+        hint = (f"did you mean {spell(close[0])}? " if close else "") + f"known: {known}"
+    return UnknownVariable(f"unknown variable '{key}' {where}", hint=hint)
+
+
+def _clone_name(name: str) -> str:
+    return "clone_" + name
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
 def _toml_values(path: Path) -> dict[str, Any]:
+    """The settings of a TOML file: its ``[clone]`` table, or else its top-level keys
+    (other programs' tables beside them are left alone). Every key must name a setting."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise SysConfig(f"configuration file {path} not found") from None
+    except OSError as exc:
+        raise SysConfig(f"configuration file {path} cannot be read: {exc.strerror or exc}",
+                        hint="--config takes a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         raise SysConfig(f"configuration file {path} is not valid TOML: {exc}") from None
-    table = data.get("clone", data)
+    strict = "clone" in data
+    table = data["clone"] if strict else data
+    if not isinstance(table, dict):
+        raise UnknownVariable(f"'clone' in {path} is not a table",
+                              hint="write the settings under a [clone] header")
     out: dict[str, Any] = {}
     for key, value in table.items():
         name = key.removeprefix("clone_").replace("-", "_")
         if name in VARIABLES:
             out[name] = value
-        elif not isinstance(value, dict):
-            raise SysConfig(
-                f"unknown variable '{key}' in {path}",
-                hint="known: " + ", ".join("clone_" + n for n in VARIABLES),
-            )
+        elif strict or not isinstance(value, dict):
+            spell: Callable[[str], str] = _clone_name if key.startswith("clone_") else str
+            raise _unknown(key, f"in {path}", name, spell)
+    return out
+
+
+def _environment_values(environ: Mapping[str, str]) -> dict[str, str]:
+    """The settings given as ``CLONE_AGENT_<NAME>``; any other ``CLONE_AGENT_*`` name
+    that is not in :data:`OTHER_ENVIRONMENT` is refused (a misspelt one would otherwise
+    be silently ignored). An empty value counts as not set."""
+    out: dict[str, str] = {}
+    for key in sorted(environ):  # sorted: the same variable is reported first every time
+        if not key.startswith(ENV_PREFIX) or key in OTHER_ENVIRONMENT:
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in VARIABLES or key != _env_name(name):
+            raise _unknown(key, "in the environment", name, _env_name)
+        if environ[key] != "":
+            out[name] = environ[key]
     return out
 
 
@@ -171,15 +229,14 @@ def load_config(
     """Flag > environment (``CLONE_AGENT_MAX_CONCURRENCY``) > TOML > default.
 
     ``flags`` holds only the options the user actually gave (None means not given).
+    ``environ`` is the whole environment: every ``CLONE_AGENT_*`` name in it is checked.
     """
     values: dict[str, Any] = {}
     if toml_path:
         for name, value in _toml_values(Path(toml_path)).items():
             values[name] = coerce(name, value)
-    for name in VARIABLES:
-        env_value = (environ or {}).get("CLONE_AGENT_" + name.upper())
-        if env_value is not None and env_value != "":
-            values[name] = coerce(name, env_value)
+    for name, env_value in _environment_values(environ or {}).items():
+        values[name] = coerce(name, env_value)
     for name, value in (flags or {}).items():
         if value is not None:
             values[name] = coerce(name, value)

@@ -152,6 +152,13 @@ class InvalidDonorList(SysConfig):
     exit_status = EXIT_USAGE
 
 
+class UnknownVariable(SysConfig):
+    """A TOML key or ``CLONE_AGENT_*`` variable that names no setting: a usage error
+    (exit 2), as mysqld refuses to start on an unknown variable in its option file."""
+
+    exit_status = EXIT_USAGE
+
+
 class DiskSpace(CloneError):
     errno = 3873
     template = "Clone estimated database size is %s. Available space %s is not enough."
@@ -164,6 +171,22 @@ class CloneInProgress(CloneError):
 
 
 # -- numbers of our own (8000+) -------------------------------------------------------
+
+
+class Unexpected(CloneError):
+    """An exception nobody translated (a bug, or a failure not foreseen), as the command
+    line's catch-all reports it: ``<type>: <message>`` under our base number, 8000. The
+    traceback is shown only with ``-v``, and never the local variables."""
+
+    errno = 8000
+    template = "%s"
+    default_hint = "rerun with -v for the traceback"
+
+    @classmethod
+    def of(cls, exc: BaseException, hint: str | None = None) -> Unexpected:
+        text = " ".join(str(exc).splitlines())
+        name = type(exc).__name__
+        return cls(f"{name}: {text}" if text else name, hint=hint)
 
 
 class UsageError(CloneError):
@@ -231,7 +254,7 @@ EXIT_STATUS_TABLE: dict[type[CloneError], int] = {
         QueryInterrupted, PathInDatadir, DdlInProgress, TooManyClones, DonorError,
         NetworkError, ProtocolError, DonorVersion, DonorOS, DonorPlatform, ConfigMismatch,
         SysConfig, InvalidDonorList, DiskSpace, CloneInProgress, UsageError, LocalIOError,
-        StageCrashed,
+        StageCrashed, UnknownVariable, Unexpected,
         ChecksumMismatch, UnsafeName, NotADataDirectory, DataDirectoryLocked, VerifyFailed,
         NoStatus,
     )

@@ -1,6 +1,10 @@
+from pathlib import Path
+
 import pytest
 
 from engine.config import (
+    NOT_IMPLEMENTED,
+    OTHER_ENVIRONMENT,
     VARIABLES,
     CloneConfig,
     MiB,
@@ -9,14 +13,13 @@ from engine.config import (
     parse_donor_list,
     parse_size,
 )
-from engine.errors import SysConfig, WrongValueForVar
+from engine.errors import SysConfig, UnknownVariable, WrongValueForVar
 
 
 def test_defaults_are_mysqls() -> None:
     c = CloneConfig()
     assert c.max_concurrency == 16 and c.autotune_concurrency
     assert c.buffer_size == 4 * MiB and c.ddl_timeout == 300
-    assert c.donor_timeout_after_network_failure == 5
     assert c.max_data_bandwidth == 0 and c.max_network_bandwidth == 0
     assert not c.enable_compression and c.valid_donor_list == ""
     assert load_config() == c
@@ -32,7 +35,7 @@ def test_sizes() -> None:
         parse_size("lots")
 
 
-def test_precedence_flag_env_file_default(tmp_path) -> None:
+def test_precedence_flag_env_file_default(tmp_path: Path) -> None:
     toml = tmp_path / "c.toml"
     toml.write_text("[clone]\nmax_concurrency = 3\nclone_ddl_timeout = 7\nbuffer_size = '8MiB'\n")
     env = {"CLONE_AGENT_MAX_CONCURRENCY": "5", "CLONE_AGENT_ENABLE_COMPRESSION": "ON"}
@@ -46,7 +49,7 @@ def test_precedence_flag_env_file_default(tmp_path) -> None:
 
 @pytest.mark.parametrize("name,value", [
     ("max_concurrency", 0), ("max_concurrency", 129), ("buffer_size", "512KiB"),
-    ("ddl_timeout", -1), ("donor_timeout_after_network_failure", 31),
+    ("ddl_timeout", -1),
     ("max_data_bandwidth", 1048577), ("enable_compression", "maybe"),
     ("max_concurrency", "many"),
 ])
@@ -63,11 +66,86 @@ def test_env_value_checked_too() -> None:
         load_config({}, {"CLONE_AGENT_MAX_CONCURRENCY": "500"})
 
 
-def test_unknown_toml_key(tmp_path) -> None:
+def test_unknown_toml_key(tmp_path: Path) -> None:
     toml = tmp_path / "c.toml"
     toml.write_text("max_concurency = 3\n")
-    with pytest.raises(SysConfig):
+    with pytest.raises(UnknownVariable) as info:
         load_config({}, {}, toml)
+    err = info.value
+    assert err.line() == ("ERROR 3869 (HY000): Clone system configuration: unknown variable "
+                          f"'max_concurency' in {toml}")
+    assert err.exit_status == 2 and err.hint is not None
+    assert err.hint.startswith("did you mean max_concurrency? known: autotune_concurrency, ")
+    toml.write_text("[clone]\nclone_max_concurency = 3\n")
+    with pytest.raises(UnknownVariable) as info:
+        load_config({}, {}, toml)
+    assert info.value.hint is not None
+    assert info.value.hint.startswith("did you mean clone_max_concurrency? known: clone_")
+
+
+def test_a_clone_table_holds_only_settings(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    # beside the settings, other programs' tables are left alone ...
+    toml.write_text("max_concurrency = 3\n[mysqld]\nport = 3306\n")
+    assert load_config({}, {}, toml).max_concurrency == 3
+    # ... but inside [clone] every key is a setting
+    toml.write_text("[clone]\nmax_concurrency = 3\n[clone.extra]\nx = 1\n")
+    with pytest.raises(UnknownVariable, match="unknown variable 'extra'"):
+        load_config({}, {}, toml)
+    toml.write_text("clone = 3\n")
+    with pytest.raises(UnknownVariable, match="is not a table"):
+        load_config({}, {}, toml)
+
+
+def test_a_config_file_that_cannot_be_read(tmp_path: Path) -> None:
+    with pytest.raises(SysConfig) as info:
+        load_config({}, {}, tmp_path)
+    assert info.value.message == (f"Clone system configuration: configuration file {tmp_path} "
+                                  "cannot be read: Is a directory")
+    with pytest.raises(SysConfig, match="not found"):
+        load_config({}, {}, tmp_path / "missing.toml")
+
+
+def test_settings_that_do_nothing_are_not_settings(tmp_path: Path) -> None:
+    assert NOT_IMPLEMENTED == {"block_ddl", "delay_after_data_drop",
+                               "donor_timeout_after_network_failure", "ssl_ca", "ssl_cert",
+                               "ssl_key", "require_ssl"}
+    assert not NOT_IMPLEMENTED & set(VARIABLES)
+    assert not NOT_IMPLEMENTED & set(CloneConfig.__dataclass_fields__)
+    toml = tmp_path / "c.toml"
+    for name in sorted(NOT_IMPLEMENTED):
+        toml.write_text(f"[clone]\nclone_{name} = 1\n")
+        with pytest.raises(UnknownVariable) as info:
+            load_config({}, {}, toml)
+        assert info.value.hint == f"clone_{name} is not implemented in this build: remove it"
+        env = "CLONE_AGENT_" + name.upper()
+        with pytest.raises(UnknownVariable) as info:
+            load_config({}, {env: "1"})
+        assert info.value.line() == ("ERROR 3869 (HY000): Clone system configuration: "
+                                     f"unknown variable '{env}' in the environment")
+        assert info.value.hint == f"{env} is not implemented in this build: remove it"
+
+
+def test_a_misspelt_environment_variable_is_refused() -> None:
+    with pytest.raises(UnknownVariable) as info:
+        load_config({}, {"CLONE_AGENT_MAX_CONCURENCY": "3"})
+    assert info.value.line() == ("ERROR 3869 (HY000): Clone system configuration: unknown "
+                                 "variable 'CLONE_AGENT_MAX_CONCURENCY' in the environment")
+    assert info.value.hint is not None
+    assert info.value.hint.startswith("did you mean CLONE_AGENT_MAX_CONCURRENCY? known: "
+                                      "CLONE_AGENT_AUTOTUNE_CONCURRENCY, ")
+    # environment names are case-sensitive: a lowercase one is not the setting
+    with pytest.raises(UnknownVariable, match="CLONE_AGENT_max_concurrency"):
+        load_config({}, {"CLONE_AGENT_max_concurrency": "3"})
+
+
+def test_the_environment_beside_the_settings() -> None:
+    env = {name: "x" for name in OTHER_ENVIRONMENT}
+    env.update({"HOME": "/root", "CLONE_AGENTX": "1", "MY_CLONE_AGENT_FOO": "1",
+                "CLONE_AGENT_DDL_TIMEOUT": ""})  # empty: not set
+    assert load_config({}, env) == CloneConfig()
+    assert OTHER_ENVIRONMENT == {"CLONE_AGENT_PASSWORD", "CLONE_AGENT_STATE_DIR",
+                                 "CLONE_AGENT_BENCH_DIR", "CLONE_AGENT_TEST_TAG"}
 
 
 def test_donor_list_format() -> None:

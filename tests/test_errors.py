@@ -46,3 +46,19 @@ def test_outcome_carries_number_and_traceback() -> None:
     except E.CloneError as exc:
         out = E.outcome_of(exc)
     assert out["errno"] == 3863 and "block 3" in out["message"] and "Traceback" in out["traceback"]
+
+
+def test_the_catch_all_and_unknown_variables() -> None:
+    err = E.Unexpected.of(ValueError("bad\nthing"))
+    assert err.line() == "ERROR 8000 (HY000): ValueError: bad thing"
+    assert err.hint == "rerun with -v for the traceback"
+    assert E.Unexpected.of(KeyError()).message == "KeyError"
+    assert E.Unexpected.of(RuntimeError("50%"), hint="").line() == (
+        "ERROR 8000 (HY000): RuntimeError: 50%")
+    assert E.exit_status(E.Unexpected.of(RuntimeError())) == 1
+    assert type(E.by_number(8000, "x")) is E.CloneError  # the base class keeps its number
+    unknown = E.UnknownVariable("unknown variable 'x' in f")
+    assert isinstance(unknown, E.SysConfig) and unknown.errno == 3869
+    assert E.exit_status(unknown) == E.EXIT_USAGE
+    assert E.EXIT_STATUS_TABLE[E.UnknownVariable] == 2
+    assert E.EXIT_STATUS_TABLE[E.Unexpected] == 1

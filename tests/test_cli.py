@@ -1,0 +1,174 @@
+"""The command line's own rules, on the real CLI in a subprocess: the catch-all for an
+unexpected exception (ERROR 8000, a traceback only with -v, never local variables),
+options that are not implemented are not offered, a repeated option is a usage error,
+and settings that name nothing are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import orjson
+import pytest
+
+from engine.status import STATUS_DIR, STATUS_FILE
+from tests.helpers import run_cli
+
+PASSWORD = "cli-test-password-7f3a9c"
+
+
+def _corrupt_status(tmp_path: Path) -> tuple[Path, str]:
+    """A destination whose status file is not JSON: ``status`` fails with an exception
+    nobody translated, in the real code (a genuine case, not a planted fault). Returns
+    the destination and the decoder's message."""
+    dest = tmp_path / "dest"
+    (dest / STATUS_DIR).mkdir(parents=True)
+    (dest / STATUS_DIR / STATUS_FILE).write_bytes(b"{\n")
+    try:
+        orjson.loads(b"{\n")
+    except orjson.JSONDecodeError as exc:
+        return dest, str(exc)
+    raise AssertionError("orjson accepted '{'")
+
+
+def test_an_unexpected_error_is_error_8000_without_a_traceback(tmp_path: Path) -> None:
+    dest, message = _corrupt_status(tmp_path)
+    res = run_cli("status", str(dest), env={"CLONE_AGENT_PASSWORD": PASSWORD})
+    assert res.returncode == 1
+    assert res.stderr.splitlines() == [
+        f"ERROR 8000 (HY000): JSONDecodeError: {message}",
+        "hint: rerun with -v for the traceback",
+    ]
+    assert res.stdout == ""
+
+
+@pytest.mark.parametrize("flag", ["-v", "--verbose"])
+def test_verbose_shows_the_traceback_and_no_local_variable(tmp_path: Path, flag: str) -> None:
+    dest, message = _corrupt_status(tmp_path)
+    res = run_cli("status", str(dest), flag, env={"CLONE_AGENT_PASSWORD": PASSWORD})
+    assert res.returncode == 1
+    lines = res.stderr.splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[-2] == f"orjson.JSONDecodeError: {message}"
+    assert lines[-1] == f"ERROR 8000 (HY000): JSONDecodeError: {message}"
+    assert not any(line.startswith("hint: ") for line in lines)
+    # Python's standard form: file, line, code. typer's pretty form would add a box of
+    # each frame's locals (dest = ..., state_dir = ..., and in pull the password).
+    assert "locals" not in res.stderr and "╭" not in res.stderr
+    assert "state_dir =" not in res.stderr and "json_mode =" not in res.stderr
+    assert PASSWORD not in res.stderr and PASSWORD not in res.stdout
+
+
+def test_an_unexpected_error_with_json_ends_with_its_object(tmp_path: Path) -> None:
+    dest, message = _corrupt_status(tmp_path)
+    res = run_cli("status", str(dest), "--json")
+    assert res.returncode == 1
+    assert json.loads(res.stdout.splitlines()[-1]) == {
+        "error_no": 8000, "error_message": f"JSONDecodeError: {message}"}
+    assert res.stderr.splitlines()[0] == f"ERROR 8000 (HY000): JSONDecodeError: {message}"
+
+
+@pytest.mark.parametrize("args,option", [
+    (("serve", "/nonexistent", "--bind", "127.0.0.1:1", "--users", "u.txt"), "--users"),
+    (("serve", "/nonexistent", "--bind", "127.0.0.1:1", "--metrics-addr", "127.0.0.1:9"),
+     "--metrics-addr"),
+    (("pull", "u@127.0.0.1:1", "--replace", "/x"), "--replace"),
+    (("pull", "u@127.0.0.1:1", "--data-dir", "/x/y", "--ssl-ca", "k.pub"), "--ssl-ca"),
+    (("pull", "u@127.0.0.1:1", "--data-dir", "/x/y", "--require-ssl"), "--require-ssl"),
+    (("pull", "u@127.0.0.1:1", "--data-dir", "/x/y", "--require-no-ssl"), "--require-no-ssl"),
+    (("pull", "u@127.0.0.1:1", "--data-dir", "/x/y", "--donor-timeout-after-network-failure",
+      "5"), "--donor-timeout-after-network-failure"),
+])
+def test_options_that_are_not_implemented_are_not_offered(args: tuple[str, ...],
+                                                          option: str) -> None:
+    res = run_cli(*args)
+    assert res.returncode == 2
+    assert any(line.startswith(f"Error: No such option '{option}'.")
+               for line in res.stderr.splitlines()), res.stderr
+    assert option not in run_cli(args[0], "--help").stdout
+
+
+def test_pull_needs_a_data_dir() -> None:
+    res = run_cli("pull", "u@127.0.0.1:1")
+    assert res.returncode == 2
+    assert res.stderr.splitlines()[-1] == "Error: Missing option '--data-dir'."
+
+
+@pytest.mark.parametrize("args,message", [
+    (("pull", "u@127.0.0.1:1", "--data-dir", "{A}", "--data-dir", "{B}"),
+     "option '--data-dir' given twice"),
+    (("pull", "u@127.0.0.1:1", "--data-dir={A}", "--data-dir", "{B}"),
+     "option '--data-dir' given twice"),
+    (("pull", "u@127.0.0.1:1", "--data-dir", "{A}", "--json", "--json"),
+     "option '--json' given twice"),
+    (("pull", "u@127.0.0.1:1", "--data-dir", "{A}", "-v", "--verbose"),
+     "option '-v/--verbose' given twice"),
+    (("pull", "u@127.0.0.1:1", "--data-dir", "{A}", "--enable-compression",
+      "--no-enable-compression"),
+     "option '--enable-compression/--no-enable-compression' given twice"),
+    (("pull", "u@127.0.0.1:1", "--data-dir", "{A}", "--max-concurrency", "2",
+      "--max-concurrency", "3", "--max-concurrency", "4"),
+     "option '--max-concurrency' given 3 times"),
+    (("clone-local", "{S}", "--data-dir", "{A}", "--data-dir", "{B}"),
+     "option '--data-dir' given twice"),
+    (("serve", "{S}", "--bind", "127.0.0.1:1", "--bind", "127.0.0.1:2"),
+     "option '--bind' given twice"),
+    (("init", "{A}", "--size", "16MiB", "--size", "32MiB"), "option '--size' given twice"),
+    (("status", "{A}", "--json", "--json"), "option '--json' given twice"),
+    (("verify", "{S}", "--json", "--json"), "option '--json' given twice"),
+    (("workload", "{S}", "--rate", "1", "--rate", "2"), "option '--rate' given twice"),
+])
+def test_a_repeated_option_is_a_usage_error(tmp_path: Path, args: tuple[str, ...],
+                                            message: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    paths = {"{A}": str(tmp_path / "a"), "{B}": str(tmp_path / "b"), "{S}": str(src)}
+    for key, value in paths.items():
+        args = tuple(a.replace(key, value) for a in args)
+    res = run_cli(*args)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines()[-1] == f"Error: {message}"
+    assert res.stdout == ""  # nothing ran: no "ready", no output of the command
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_help_given_twice_is_still_help() -> None:
+    res = run_cli("pull", "--help", "--help")
+    assert res.returncode == 0 and "--data-dir" in res.stdout
+
+
+def test_a_misspelt_setting_in_the_environment_is_refused(tmp_path: Path) -> None:
+    dest = tmp_path / "c"
+    res = run_cli("pull", "u@127.0.0.1:1", "--data-dir", str(dest),
+                  env={"CLONE_AGENT_MAX_CONCURENCY": "3"})
+    assert res.returncode == 2
+    err = res.stderr.splitlines()
+    assert err[0] == ("ERROR 3869 (HY000): Clone system configuration: unknown variable "
+                      "'CLONE_AGENT_MAX_CONCURENCY' in the environment")
+    assert err[1].startswith("hint: did you mean CLONE_AGENT_MAX_CONCURRENCY? known: ")
+    assert len(err) == 2 and not dest.exists()
+    res = run_cli("pull", "u@127.0.0.1:1", "--data-dir", str(dest), "--json",
+                  env={"CLONE_AGENT_SSL_CA": "/k.pub"})
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        "ERROR 3869 (HY000): Clone system configuration: unknown variable "
+        "'CLONE_AGENT_SSL_CA' in the environment",
+        "hint: CLONE_AGENT_SSL_CA is not implemented in this build: remove it",
+    ]
+    assert json.loads(res.stdout.splitlines()[-1])["error_no"] == 3869
+    assert not dest.exists()
+
+
+def test_an_unknown_key_in_the_config_file_is_refused(tmp_path: Path) -> None:
+    toml = tmp_path / "clone.toml"
+    toml.write_text("[clone]\nmax_concurrency = 4\nblock_ddl = true\n")
+    dest = tmp_path / "c"
+    res = run_cli("pull", "u@127.0.0.1:1", "--data-dir", str(dest), "--config", str(toml))
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        "ERROR 3869 (HY000): Clone system configuration: unknown variable 'block_ddl' "
+        f"in {toml}",
+        "hint: block_ddl is not implemented in this build: remove it",
+    ]
+    assert not dest.exists()
