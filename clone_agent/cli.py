@@ -1,6 +1,6 @@
-"""The command line (CLI.md): one thin function per command, one exit point.
+"""The command line (docs/cli.md): one thin function per command, one exit point.
 
-Signals are handled here only (STYLE.md 8): the first Ctrl-C or SIGTERM asks the
+Signals are handled here only, never in a worker: the first Ctrl-C or SIGTERM asks the
 running clone or server to stop at a safe point and says so; the second aborts.
 Every expected failure is a CloneError, printed as ``ERROR N (SQLSTATE): message``
 plus ``hint: ...``, and mapped to an exit status by :func:`engine.errors.exit_status`.
@@ -25,7 +25,7 @@ _interrupted_early = False
 
 
 def _interrupted_at_start(signum: int, frame: FrameType | None) -> None:
-    """Ctrl-C while the command line is still importing (a tenth of a second): noted,
+    """Ctrl-C while the command line is still importing: noted,
     and answered by main() in MySQL's words. Nothing is raised inside an import, where
     a half-initialised extension module could take the interpreter down with it."""
     global _interrupted_early

@@ -2,8 +2,8 @@
 
 :class:`CloneConfig` is frozen and loaded once, by the command line, with
 :func:`load_config` (precedence: flag > environment ``CLONE_AGENT_<NAME>`` > TOML file
-> default, as CLI.md says); engine code receives it and never reads ``os.environ``
-(STYLE.md 10). A wrong value raises :class:`~engine.errors.WrongValueForVar`, which
+> default, as docs/cli.md says); engine code receives it and never reads
+``os.environ``, so that what a process does depends on its arguments alone. A wrong value raises :class:`~engine.errors.WrongValueForVar`, which
 names the variable and its range. A name that is no setting, a TOML key or a
 ``CLONE_AGENT_*`` variable, raises :class:`~engine.errors.UnknownVariable`, as mysqld
 refuses to start on an unknown variable in its option file: a misspelt setting is
