@@ -1,16 +1,17 @@
 """The clone_* variables: defaults, ranges, loading and validation.
 
 :class:`CloneConfig` is frozen and loaded once, by the command line, with
-:func:`load_config` (precedence: flag > environment ``CLONE_AGENT_<NAME>`` > TOML file
-> default, as docs/cli.md says); engine code receives it and never reads
-``os.environ``, so that what a process does depends on its arguments alone. A wrong value raises :class:`~engine.errors.WrongValueForVar`, which
-names the variable and its range. A name that is no setting, a TOML key or a
-``CLONE_AGENT_*`` variable, raises :class:`~engine.errors.UnknownVariable`, as mysqld
-refuses to start on an unknown variable in its option file: a misspelt setting is
-never silently ignored. MySQL's clone variables that this build does not implement
-(clone_block_ddl, clone_delay_after_data_drop, clone_donor_timeout_after_network_failure,
-clone_ssl_ca, clone_ssl_cert, clone_ssl_key) and REQUIRE SSL are not settings: they
-are refused the same way, with a hint that says so.
+:func:`load_config` (precedence: flag > environment ``CLONE_AGENT_<NAME>`` > TOML file >
+default, as docs/cli.md says); engine code receives it and never reads ``os.environ``,
+so that what a process does depends on its arguments alone. A wrong value raises
+:class:`~engine.errors.WrongValueForVar`, which names the variable and its range. A name
+that is no setting, a TOML key or a ``CLONE_AGENT_*`` variable, raises
+:class:`~engine.errors.UnknownVariable`, as mysqld refuses to start on an unknown
+variable in its option file: a misspelt setting is never silently ignored. MySQL's clone
+variables that this build does not implement (clone_block_ddl,
+clone_delay_after_data_drop, clone_donor_timeout_after_network_failure, clone_ssl_ca,
+clone_ssl_cert, clone_ssl_key) and REQUIRE SSL are not settings: they are refused the
+same way, with a hint that says so.
 """
 
 from __future__ import annotations
