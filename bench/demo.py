@@ -10,6 +10,7 @@ and removes everything it made.
 
 from __future__ import annotations
 
+import secrets
 import selectors
 import signal
 import socket
@@ -38,8 +39,11 @@ class ServeProcess:
 
     def __init__(self, datadir: Path, *extra: str, timeout: float = 60.0) -> None:
         self.port = free_port()
+        # Without a users file (named in ``extra``), anyone on this machine may clone:
+        # the benchmarks serve loopback only.
+        auth = [] if "--users" in extra else ["--allow-anonymous"]
         self.cmd = [sys.executable, "-m", "clone_agent.cli", "serve", str(datadir),
-                    "--bind", f"127.0.0.1:{self.port}", *extra]
+                    "--bind", f"127.0.0.1:{self.port}", *auth, *extra]
         self.timeout = timeout
         self.proc: subprocess.Popen[str] | None = None
 
@@ -95,6 +99,8 @@ class TpsMonitor(threading.Thread):
 
 
 def run_demo(size: int, rate: int = 0) -> None:
+    from engine.auth import UsersFile, make_user
+    from engine.crypto import write_keypair
     from engine.pagestore import init_datadir, verify
     from recipient.client import PullOptions, pull
 
@@ -105,7 +111,17 @@ def run_demo(size: int, rate: int = 0) -> None:
         total = tree_bytes(src)
         dest = Path(tmp) / "recipient"
         load = f"{rate} TPS" if rate else "full speed"
-        with ServeProcess(src, "--workload", str(rate), "--report-tps") as donor:
+        # A user who may clone and the donor's key, as an owner would set them up
+        # (`clone-agent user add`, `clone-agent keygen`): the clone below is
+        # authenticated, encrypted, and pinned to that key.
+        password = secrets.token_urlsafe(18)
+        users = UsersFile(str(Path(tmp) / "users.json"), {})
+        users.users["demo"] = make_user("demo", password)
+        users.save()
+        key = write_keypair(str(Path(tmp) / "donor"))
+        say(f"demo: user 'demo' in {users.path}; donor key {key.fingerprint}")
+        with ServeProcess(src, "--workload", str(rate), "--report-tps", "--users", users.path,
+                          "--key", str(Path(tmp) / "donor.key")) as donor:
             assert donor.proc is not None
             monitor = TpsMonitor(donor.proc.stdout)
             monitor.start()
@@ -118,7 +134,8 @@ def run_demo(size: int, rate: int = 0) -> None:
             try:
                 summary = pull(PullOptions(
                     user="demo", host="127.0.0.1", port=donor.port, destination=str(dest),
-                    config=load_config({"max_concurrency": 4}), state_dir=tmp, emit=reporter))
+                    config=load_config({"max_concurrency": 4}), state_dir=tmp, emit=reporter,
+                    password=password, ssl="require", pinned=key.public))
             finally:
                 reporter.close()
             elapsed = time.monotonic() - started
@@ -140,6 +157,8 @@ def run_demo(size: int, rate: int = 0) -> None:
                   f"{human(row['data_speed']) + '/s':>12}")
         print(f"\ncloned {human(total)} in {elapsed:.2f} s ({human(total / elapsed)}/s over "
               f"loopback) while the donor kept writing")
+        print(f"authenticated as 'demo' (SCRAM-SHA-256-PLUS); encrypted: "
+              f"{status['encrypted']}, donor key {status['donor_key']} (pinned)")
         print(f"consistent at transaction K = {k}: gtid_executed {status['gtid_executed']}, "
               f"{status['binlog_file']}:{status['binlog_position']}")
         print(f"bank balanced: {report['accounts']} accounts sum to {report['balance_total']}; "

@@ -87,15 +87,18 @@ def run_link_bench(rounds: int = 3, size: int = 128 * MiB) -> dict[str, Any]:
         datasets.mixed(src / "mixed", size // 2)
         total = datasets.tree_bytes(src)
         port = 13310
-        donor = link.run(link.d, [*py, "serve", str(src), "--bind", f"{link.addr_d}:{port}"],
+        donor = link.run(link.d, [*py, "serve", str(src), "--bind", f"{link.addr_d}:{port}",
+                                   "--allow-anonymous"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         try:
             assert donor.stdout is not None
             line = donor.stdout.readline()
             if not line.startswith("ready"):
                 raise RuntimeError(f"donor did not start in the namespace: {line!r}")
-            variants = {"clone-agent": [], "clone-agent lz4": ["--enable-compression"],
-                        "clone-agent zstd": ["--enable-compression"]}
+            variants = {"clone-agent": ["--require-no-ssl"],
+                        "clone-agent encrypted": ["--require-ssl"],
+                        "clone-agent lz4": ["--require-no-ssl", "--enable-compression"],
+                        "clone-agent zstd": ["--require-no-ssl", "--enable-compression"]}
             for r in range(rounds):
                 for name, extra in variants.items():
                     dest = Path(tmp) / "dest"

@@ -231,11 +231,16 @@ def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None,
             make(src)
             syncfs(tmp)  # untimed: the new source written back before the first round
             size = datasets.tree_bytes(src)
-            donor, agent = clone_agent_tool(src, ["--max-concurrency", "4"])
-            _, agent_lz4 = clone_agent_tool(src, ["--max-concurrency", "4",
+            # The plain clone is the reference row (the baselines encrypt nothing either);
+            # the encrypted one, the default of a pull, is measured beside it.
+            donor, agent = clone_agent_tool(src, ["--max-concurrency", "4", "--require-no-ssl"])
+            _, agent_enc = clone_agent_tool(src, ["--max-concurrency", "4", "--require-ssl"],
+                                            donor=donor)
+            _, agent_lz4 = clone_agent_tool(src, ["--max-concurrency", "4", "--require-no-ssl",
                                                   "--enable-compression"], donor=donor)
             with donor:
-                tools = {"clone-agent": agent, "clone-agent lz4": agent_lz4, **baselines(src)}
+                tools = {"clone-agent": agent, "clone-agent encrypted": agent_enc,
+                         "clone-agent lz4": agent_lz4, **baselines(src)}
                 shape_results = {name: Result(shape, name, size) for name in tools}
                 # Destinations stay until the shape is done when the disk has room:
                 # ext4 without a journal skips inodes freed in the last 5 to 10 s at
@@ -303,7 +308,7 @@ def _remove(dest: Path, tmp: str) -> None:
 
 
 def _pull_events(donor: ServeProcess, dest: Path, *extra: str) -> list[dict[str, Any]]:
-    p = subprocess.run([sys.executable, "-m", "clone_agent.cli", "pull",
+    p = subprocess.run([sys.executable, "-m", "clone_agent.cli", "pull", "--require-no-ssl",
                         f"bench@127.0.0.1:{donor.port}", "--data-dir", str(dest), "--json",
                         *extra], capture_output=True, text=True, timeout=600)
     if p.returncode != 0:

@@ -301,23 +301,47 @@ def serve(
                                        help="drop a clone whose recipient is silent this long"),
     report_tps: bool = typer.Option(False, "--report-tps", hidden=True,
                                     help="print 'tps LAST_TXN CLONING' on stdout each second"),
+    users: Optional[Path] = typer.Option(
+        None, "--users", help="the users who may clone (`clone-agent user add`)"),
+    key: Optional[Path] = typer.Option(
+        None, "--key", help="the donor's private key (`clone-agent keygen`); default: a new "
+        "key for this run, its fingerprint logged"),
+    require_secure_transport: bool = typer.Option(
+        False, "--require-secure-transport", help="refuse recipients that ask for a plain "
+        "connection (--require-no-ssl)"),
+    allow_anonymous: bool = typer.Option(
+        False, "--allow-anonymous", help="let anyone who reaches the port clone, without a "
+        "user (only on a trusted network)"),
     verbose: bool = _verbose_option(),
 ) -> None:
     """The donor agent: serve DATADIR until SIGINT/SIGTERM."""
     _logging(verbose)
     from donor.server import DonorServer
+    from engine.auth import UsersFile
+    from engine.crypto import load_private
     from engine.transport import parse_hostport
 
     with _errors():
         host, port = parse_hostport(bind)
         if workload is not None and workload < 0:
             raise UsageError("--workload takes transactions per second, 0 for full speed")
-        log.warning("authentication is not implemented yet: any user name is accepted")
+        if users is None and not allow_anonymous:
+            raise UsageError("serve needs --users FILE (who may clone)",
+                             hint="make one with `clone-agent user add NAME --users FILE`, "
+                             "or give --allow-anonymous on a trusted network")
+        if users is not None and allow_anonymous:
+            raise UsageError("--users and --allow-anonymous exclude each other")
+        if allow_anonymous:
+            log.warning("--allow-anonymous: anyone who reaches %s may clone %s", bind,
+                        datadir)
         server = DonorServer(str(datadir), host, port, readers=readers, workload=workload,
                              idle_timeout=idle_timeout,
                              debug_sync=_pairs(debug_sync, int), ddl_every=ddl_every,
                              faults=_pairs(fault, str),
-                             report=_print_line if report_tps else None)
+                             report=_print_line if report_tps else None,
+                             users=UsersFile.load(str(users)) if users is not None else None,
+                             key=load_private(str(key)) if key is not None else None,
+                             require_secure_transport=require_secure_transport)
 
         def ready(h: str, p: int) -> None:
             sys.stdout.write(f"ready {h}:{p}\n")
@@ -357,9 +381,14 @@ def _parse_source(source: str) -> tuple[str, str, int]:
 
 def _password(password_stdin: bool) -> str | None:
     """One line of stdin with --password-stdin, else CLONE_AGENT_PASSWORD (already out
-    of the environment). Never an argument: argv is readable by every local user."""
+    of the environment), else a prompt on a terminal. Never an argument: argv is
+    readable by every local user."""
     env_password = _take_env_password()
     password = sys.stdin.readline().rstrip("\n") if password_stdin else env_password
+    if password is None and sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass("password: ") or None
     if password is not None:
         try:
             password.encode()
@@ -394,6 +423,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
     st = summary["clone_status"]
     sys.stderr.write(f"clone {st['state']}: {st['source']} -> {st['destination']}\n")
+    if st.get("encrypted"):
+        sys.stderr.write(f"  encrypted, donor key {st['donor_key']}\n")
+    elif st.get("source", "").split(":")[0] not in ("localhost", ""):
+        sys.stderr.write("  not encrypted\n")
     for row in summary["clone_progress"]:
         if row["state"] != "Not Started":
             sys.stderr.write(f"  {row['stage']:<10} {row['state']:<11} {human(row['data']):>12}"
@@ -419,6 +452,13 @@ def pull(
     buffer_size: Optional[str] = typer.Option(None, "--buffer-size"),
     ddl_timeout: Optional[int] = typer.Option(None, "--ddl-timeout"),
     valid_donor_list: Optional[str] = typer.Option(None, "--valid-donor-list"),
+    require_ssl: Optional[bool] = typer.Option(
+        None, "--require-ssl/--require-no-ssl",
+        help="fail unless the clone is encrypted / ask for a plain one; default: "
+        "encrypted when the donor offers it"),
+    ssl_ca: Optional[Path] = typer.Option(
+        None, "--ssl-ca", help="the donor's public key (its PREFIX.pub): the clone fails "
+        "unless the donor holds it"),
     connect_timeout: float = typer.Option(10.0, "--connect-timeout",
                                           help="seconds to reach the donor (ours)"),
     writers: int = typer.Option(2, "--writers", min=1, max=32, hidden=True,
@@ -437,6 +477,15 @@ def pull(
         password = _password(password_stdin)
         config = load_config(flags, os.environ, config_file)
         user, host, port = _parse_source(source)
+        ssl = "prefer" if require_ssl is None else "require" if require_ssl else "none"
+        pinned = None
+        if ssl_ca is not None:
+            from engine.crypto import load_public
+
+            if ssl == "none":
+                raise UsageError("--ssl-ca pins the key of an encrypted clone: it cannot go "
+                                 "with --require-no-ssl")
+            pinned = load_public(str(ssl_ca))
 
     from recipient.client import PullOptions
     from recipient.client import pull as do_pull
@@ -445,7 +494,7 @@ def pull(
         return do_pull(PullOptions(user=user, host=host, port=port, destination=data_dir,
                                    config=config, password=password, state_dir=_state_dir(),
                                    connect_timeout=connect_timeout, should_stop=stop,
-                                   emit=reporter, writers=writers))
+                                   emit=reporter, writers=writers, ssl=ssl, pinned=pinned))
 
     _run_pull(make, json_mode, "the clone")
 
@@ -479,7 +528,8 @@ def clone_local(
             return do_pull(PullOptions(user="local", host="localhost", port=0,
                                        destination=dest, config=config,
                                        state_dir=_state_dir(), url=donor.url,
-                                       should_stop=stop, emit=reporter))
+                                       should_stop=stop, emit=reporter,
+                                       ssl="none"))  # a socket in a 0700 directory
 
     _run_pull(make, json_mode, "the clone")
 
@@ -579,6 +629,102 @@ def bench(
             return
         run_bench(quick=quick, json_mode=json_mode, out=str(out) if out else None,
                   rounds=rounds, only=shape, remove_each=remove_each)
+
+
+# -- keys and users ---------------------------------------------------------------------
+@_command()
+def keygen(
+    out: str = typer.Option(..., "--out", help="PREFIX: writes PREFIX.key (secret, 0600) "
+                            "and PREFIX.pub (give it to recipients for --ssl-ca)"),
+    verbose: bool = _verbose_option(),
+) -> None:
+    """Make the donor's key pair; prints the public key's fingerprint."""
+    _logging(verbose)
+    from engine.crypto import write_keypair
+
+    with _errors():
+        key = write_keypair(out)
+    sys.stdout.write(f"{key.fingerprint}\n")
+
+
+user_app = typer.Typer(no_args_is_help=True, help="Manage the users who may clone "
+                       "(a users file of SCRAM-SHA-256 verifiers, never passwords).")
+app.add_typer(user_app, name="user")
+
+
+def _new_password() -> str:
+    """Asked twice on a terminal; else one line of stdin. Never an argument."""
+    if sys.stdin.isatty():
+        import getpass
+
+        first = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != first:
+            raise UsageError("the two passwords differ")
+        return first
+    line = sys.stdin.readline()
+    if not line:
+        raise UsageError("no password on stdin", hint="give it as one line of stdin")
+    return line.rstrip("\n")
+
+
+@user_app.command("add", cls=_Command)
+def user_add(
+    name: str = typer.Argument(..., help="the user name"),
+    users: Path = typer.Option(..., "--users", help="the users file (created when missing)"),
+    no_backup_admin: bool = typer.Option(False, "--no-backup-admin",
+                                         help="without the BACKUP_ADMIN privilege"),
+    verbose: bool = _verbose_option(),
+) -> None:
+    """Add a user, or set a user's password and privilege."""
+    _logging(verbose)
+    from engine.auth import UsersFile, check_name, make_user
+
+    with _errors():
+        check_name(name)
+        book = UsersFile.load(str(users), create=True)
+        book.users[name] = make_user(name, _new_password(), not no_backup_admin)
+        book.save()
+    sys.stderr.write(f"user '{name}' saved in {users}\n")
+
+
+@user_app.command("remove", cls=_Command)
+def user_remove(
+    name: str = typer.Argument(..., help="the user name"),
+    users: Path = typer.Option(..., "--users", help="the users file"),
+    verbose: bool = _verbose_option(),
+) -> None:
+    """Remove a user."""
+    _logging(verbose)
+    from engine.auth import UsersFile
+
+    with _errors():
+        book = UsersFile.load(str(users))
+        if book.users.pop(name, None) is None:
+            raise UsageError(f"no user '{name}' in {users}")
+        book.save()
+    sys.stderr.write(f"user '{name}' removed from {users}\n")
+
+
+@user_app.command("list", cls=_Command)
+def user_list(
+    users: Path = typer.Option(..., "--users", help="the users file"),
+    json_mode: bool = typer.Option(False, "--json"),
+    verbose: bool = _verbose_option(),
+) -> None:
+    """List the users and their privileges."""
+    _logging(verbose)
+    from engine.auth import UsersFile
+
+    with _errors(json_mode):
+        book = UsersFile.load(str(users))
+    rows = [{"user": u.name, "backup_admin": u.backup_admin}
+            for u in sorted(book.users.values(), key=lambda u: u.name)]
+    if json_mode:
+        sys.stdout.write(orjson.dumps(rows).decode() + "\n")
+    else:
+        for row in rows:
+            sys.stdout.write(f"{row['user']}\t{'BACKUP_ADMIN' if row['backup_admin'] else '-'}"
+                             "\n")
 
 
 def main() -> None:

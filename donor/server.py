@@ -24,9 +24,12 @@ from typing import Any
 
 import zmq
 
+from donor.gate import Gate, _Delayed
 from donor.session import ReadyBlock, Session
+from engine import crypto
 from engine import messages as M
 from engine import protocol as P
+from engine.auth import UsersFile
 from engine.codec import MAX_BLOCK
 from engine.errors import (
     CloneError,
@@ -44,6 +47,19 @@ from engine.transport import router, tune_allocator
 log = logging.getLogger("clone_agent.donor")
 
 POOL_READY_TIMEOUT = 60.0  #: seconds for a pool's workers to start
+
+
+def _peer(frame: Any) -> str:
+    """The peer's address as ZeroMQ saw it ("" for an ipc:// peer)."""
+    try:
+        return str(frame.get("Peer-Address") or "")
+    except (zmq.ZMQError, AttributeError):
+        return ""
+
+
+def printable(text: str) -> str:
+    """A peer's words without control characters: they reach a log and a terminal."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:500]
 
 
 def _watch(poller: zmq.Poller, pool: Pipeline) -> None:
@@ -67,7 +83,12 @@ class DonorServer:
                  slots: int = 16, idle_timeout: float = 60.0, url: str | None = None,
                  workload: int | None = None, debug_sync: dict[str, int] | None = None,
                  ddl_every: float = 3.0, faults: dict[str, Any] | None = None,
-                 report: Callable[[str], None] | None = None) -> None:
+                 report: Callable[[str], None] | None = None,
+                 users: UsersFile | None = None, key: crypto.StaticKey | None = None,
+                 require_secure_transport: bool = False) -> None:
+        """``users``: who may clone (None: anyone, which the command line allows only
+        with --allow-anonymous); ``key``: the donor's key pair (None: one made now, for
+        this server's life)."""
         if not os.path.isdir(datadir):
             raise UsageError(f"'{datadir}' is not a directory", hint="serve a data directory")
         self.datadir = os.path.abspath(datadir)
@@ -99,6 +120,8 @@ class DonorServer:
         self.out_ring: Ring | None = None
         self.compressors: Pipeline | None = None
         self.poller = zmq.Poller()
+        self.key = key if key is not None else crypto.StaticKey.generate()
+        self.gate = Gate(users, self.key, require_secure_transport)
 
     # -- lifetime -------------------------------------------------------------------
     def serve(self, should_stop: Callable[[], bool],
@@ -125,6 +148,10 @@ class DonorServer:
             self.sock, self.port = router(self.ctx, self.host, self.port, self.url)
             stack.callback(self.sock.close, 0)
             self._start_readers()
+            if self.url is None:
+                log.info("donor key %s%s", self.key.fingerprint,
+                         "; anyone may clone (--allow-anonymous)" if self.gate.anonymous
+                         else "")
             on_ready(self.host, self.port)
             try:
                 self._loop(should_stop)
@@ -300,31 +327,50 @@ class DonorServer:
                 self._stop_compressors()
 
     # -- messages -------------------------------------------------------------------
-    def reply(self, ident: bytes, frames: list[Any], **kw: Any) -> Any:
-        """Send to one peer; None when it is gone (the tracker of a tracked send)."""
+    def send(self, ident: bytes, kind: int, body: dict[str, Any], payload: Any = None,
+             **kw: Any) -> Any:
+        """Send to one peer, sealed when its connection is encrypted (HELLO's answer
+        never is); None when it is gone (else the tracker of a tracked send)."""
         assert self.sock is not None
+        cipher = self.gate.cipher(ident) if kind not in P.UNSEALED_RESPONSES or \
+            kind == P.ERROR else None
         try:
-            return self.sock.send_multipart([ident, *frames], **kw)
+            return self.sock.send_multipart(
+                [ident, *P.response(kind, body, payload, cipher=cipher)], **kw)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer is gone
             log.info("cannot reach a recipient: %s", exc.strerror)
             return None
 
+    def _error(self, ident: bytes, err: CloneError) -> None:
+        self.send(ident, P.ERROR, M.ErrorBody(err.errno, err.message).to_body())
+
     def _on_message(self, frames: list[Any]) -> None:
         ident = bytes(frames[0].buffer)
         try:
-            msg = P.decode(frames[1:], P.CMD)
-            if msg.kind == P.INIT:
+            msg = P.decode(frames[1:], P.CMD, self.gate.cipher(ident))
+            if msg.kind == P.HELLO:
+                reply = self.gate.hello(ident, _peer(frames[1]), M.Hello.from_body(msg.body))
+                self.send(ident, P.HELLO_REPLY, reply.to_body())
+            elif msg.kind == P.AUTH:
+                reply_ = self.gate.auth(ident, M.Auth.from_body(msg.body))
+                self.send(ident, P.AUTH_REPLY, reply_.to_body())
+            elif msg.kind == P.INIT:
                 self._on_init(ident, M.Init.from_body(msg.body))
             else:
                 self._dispatch(ident, msg)
+        except _Delayed:
+            return  # a failed password: the answer goes later (Gate.due)
         except CloneError as exc:
-            log.warning("recipient error: %s", exc.message)
-            self.reply(ident, P.error_response(exc.errno, exc.message))
+            log.warning("recipient error: %s", printable(exc.message))
+            self._error(ident, exc)
             s = self.session
-            if s is not None and ident in s.streams:
+            if s is not None and ident == s.master:  # only the master ends its clone
                 self.end_session(exc, send_error=True)
+            elif s is None or ident not in s.streams:
+                self.gate.forget([ident])
 
     def _on_init(self, ident: bytes, init: M.Init) -> None:
+        conn = self.gate.may_clone(ident)
         s = self.session
         if s is not None:
             if time.monotonic() - s.last_heard < self.idle_timeout:
@@ -332,8 +378,13 @@ class DonorServer:
             self.end_session(QueryInterrupted(), send_error=True)
         clone_id = self._next_clone_id
         self._next_clone_id += 1
-        self.session = s = Session(self, clone_id, ident, init)
-        if s.codec:
+        self.session = s = Session(self, clone_id, ident, init,
+                                   conn.keys.data if conn.keys is not None else None)
+        conn.in_clone = True
+        if self.gate.anonymous and self.url is None:
+            log.warning("clone %d by an anonymous user from %s (--allow-anonymous)",
+                        clone_id, conn.peer or "local")
+        if s.codec or s.data_key is not None:
             try:
                 self._start_compressors()
             except CloneError:
@@ -341,7 +392,8 @@ class DonorServer:
                 raise
         assert self.sock is not None
         try:
-            self.sock.send_multipart([ident, *P.response(P.CONFIG, s.config().to_body())])
+            self.sock.send_multipart([ident, *P.response(
+                P.CONFIG, s.config().to_body(), cipher=self.gate.cipher(ident))])
         except zmq.ZMQError as exc:  # EHOSTUNREACH
             # The recipient left before its answer (a Ctrl-C right after INIT): end
             # the clone now rather than refuse the next one until the idle timeout.
@@ -355,24 +407,29 @@ class DonorServer:
             raise ProtocolError("no such clone (it ended, or the donor restarted)")
         s.last_heard = time.monotonic()
         if msg.kind == P.ATTACH:
-            M.Attach.from_body(msg.body)
-            self.reply(ident, P.response(P.LOCS, s.attach(ident).to_body()))
+            conn = self.gate.conn(ident)
+            locs = s.attach(ident, M.Attach.from_body(msg.body), conn.encrypted)
+            conn.in_clone = True
+            self.send(ident, P.LOCS, locs.to_body())
             return
         stream = s.stream(ident)
         if msg.kind == P.EXECUTE:
             ex = M.Execute.from_body(msg.body)
             if ex.what == "files":
-                self.reply(ident, P.response(P.FILES, s.files_page(ex.page).to_body()))
+                self.send(ident, P.FILES, s.files_page(ex.page).to_body())
             elif ex.what == "data":
                 stream.credit = ex.credit
             else:
-                self.reply(ident, P.response(P.STATE, s.next_state(ex.state).to_body()))
+                self.send(ident, P.STATE, s.next_state(ex.state).to_body())
         elif msg.kind == P.ACK:
             self._releasing += s.ack(stream, M.Ack.from_body(msg.body))
         elif msg.kind == P.EXIT:
+            if ident != s.master:
+                raise ProtocolError("EXIT on a stream that is not the clone's master")
             ex_ = M.Exit.from_body(msg.body)
             if not ex_.ok:
-                log.info("clone %d: recipient gave up: %s", s.clone_id, ex_.error_message)
+                log.info("clone %d: recipient gave up: %s", s.clone_id,
+                         printable(ex_.error_message))
             else:
                 log.info("clone %d completed (%d blocks)", s.clone_id, s.acked)
             self.end_session(None, send_error=False)
@@ -389,15 +446,15 @@ class DonorServer:
         s.block_read(ReadyBlock(seq, 0, slot, length, xxh, segs, span, 0, length))
 
     def _on_compressed(self, reply: list[Any]) -> None:
-        (clone_id, seq), in_slot, out_slot, codec, wire, xxh = reply
+        (clone_id, seq), in_slot, out_slot, codec, wire, xxh, moved = reply
         assert self.ring is not None and self.out_ring is not None
         s = self.session
-        block = s.compressed(seq, out_slot, codec, wire, xxh) \
+        block = s.compressed(seq, out_slot, codec, wire, xxh, moved) \
             if s is not None and clone_id == s.clone_id else None
         if block is None:  # a block of a clone that has ended
             self.ring.release(in_slot)
             self.out_ring.release(out_slot)
-        elif codec:  # what goes on the wire is in the send ring now
+        elif moved:  # what goes on the wire is in the send ring now
             self.ring.release(in_slot)
         else:
             self.out_ring.release(out_slot)
@@ -420,10 +477,14 @@ class DonorServer:
 
     def _pump(self) -> None:
         self._reap_trackers()
+        now = time.monotonic()
+        self.gate.expire(now)
+        for ident, err in self.gate.due(now):
+            if isinstance(err, CloneError):
+                self._error(ident, err)
         s = self.session
         if s is None:
             return
-        now = time.monotonic()
         if now - s.last_heard > self.idle_timeout:
             log.warning("clone %d: recipient silent for %.0f s; dropping the clone",
                         s.clone_id, now - s.last_heard)
@@ -437,6 +498,7 @@ class DonorServer:
             return
         self.session = None
         self._releasing += s.end(err, send_error)
+        self.gate.forget(s.streams)
         if self.readers is not None:
             # reads still in a reader come back tagged with the old clone: freed then
             self.readers.broadcast(["reset"])

@@ -16,8 +16,10 @@ orphaned clone waiting for its recipient to come back) are added here as phases.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
+import hmac
 import logging
 import os
 import platform
@@ -83,8 +85,13 @@ class Session:
     """One clone in progress on the donor; made by the server at INIT."""
 
     def __init__(self, server: DonorServer, clone_id: int, master: bytes,
-                 init: M.Init) -> None:
+                 init: M.Init, data_key: bytes | None = None) -> None:
         self.server = server
+        #: an encrypted clone's block key (from the master's handshake): the compressor
+        #: workers seal every block with it
+        self.data_key = data_key
+        #: what an ATTACH must show: only the authenticated master receives it
+        self.secret = secrets.token_bytes(32)
         self.clone_id = clone_id
         self.phase = Phase.ACTIVE
         self.snapshot_id = secrets.token_hex(8)
@@ -122,6 +129,7 @@ class Session:
         """Begin a snapshot state: ``kind`` "read" (reader processes) or "pages"
         (tracked pages read fresh by the coordinator)."""
         self.state = name
+        self.state_no = M.STATE_NUMBERS[name]
         self.blocks = blocks
         self.kind = kind
         self.next_block = 0
@@ -143,7 +151,8 @@ class Session:
             files=len(self.entries), bytes=self.total_bytes, blocks=len(self.blocks),
             block_size=self.block_size, files_page=P.MAX_FILES_PAGE,
             paged=self.snapshot is not None,
-            page_size=self.snapshot.page_size if self.snapshot else 0)
+            page_size=self.snapshot.page_size if self.snapshot else 0,
+            secret=base64.b64encode(self.secret).decode())
 
     def files_page(self, page: int) -> M.FilesPage:
         start = page * P.MAX_FILES_PAGE
@@ -151,7 +160,17 @@ class Session:
         return M.FilesPage(page, [e.to_wire() for e in chunk],
                            start + P.MAX_FILES_PAGE >= len(self.entries))
 
-    def attach(self, ident: bytes) -> M.Locs:
+    def attach(self, ident: bytes, attach: M.Attach, encrypted: bool) -> M.Locs:
+        """A stream joins, if it shows the clone's secret (compared in constant time)
+        and is encrypted exactly when the master is."""
+        try:
+            shown = base64.b64decode(attach.secret, validate=True)
+        except ValueError:
+            shown = b""
+        if not hmac.compare_digest(shown, self.secret):
+            raise ProtocolError("ATTACH without the clone's secret")
+        if encrypted != (self.data_key is not None):
+            raise ProtocolError("a plain stream in an encrypted clone, or the reverse")
         if ident not in self.streams:
             if len(self.streams) >= P.MAX_STREAMS:
                 raise ProtocolError(f"more than {P.MAX_STREAMS} streams")
@@ -197,20 +216,21 @@ class Session:
     # -- blocks -----------------------------------------------------------------------------
     def block_read(self, block: ReadyBlock) -> None:
         """A block is in the read ring: compress it first when the clone asked for it."""
-        if self.codec:
+        if self.codec or self.data_key is not None:
             self.to_compress.append(block)
         else:
             self.ready.append(block)
 
-    def compressed(self, seq: int, out_slot: int, codec: int, wire: int, xxh: int
-                   ) -> ReadyBlock | None:
-        """A compressor's answer; the block it was, if this session still has it. With
-        ``codec`` 0 (it did not shrink) the block stays in the read ring as it was."""
+    def compressed(self, seq: int, out_slot: int, codec: int, wire: int, xxh: int,
+                   moved: bool) -> ReadyBlock | None:
+        """A compressor's answer; the block it was, if this session still has it.
+        ``moved``: what goes on the wire is in the send ring (compressed or sealed);
+        else the block stays in the read ring as it was (it did not shrink)."""
         block = self.compressing.pop(seq, None)
         if block is None:
             return None
         ready = dataclasses.replace(block, ring=1, slot=out_slot, length=wire, xxh=xxh,
-                                    comp=codec) if codec else block
+                                    comp=codec) if moved else block
         self.ready.append(ready)
         return block
 
@@ -222,12 +242,11 @@ class Session:
             return
         if self.acked == len(self.blocks) and not self.complete_sent:
             self.complete_sent = True
-            self.server.reply(self.master, P.response(
-                P.COMPLETE, M.Complete(self.clone_id, self.state, self.acked).to_body()))
+            self.server.send(self.master, P.COMPLETE,
+                             M.Complete(self.clone_id, self.state, self.acked).to_body())
             self.last_sent = now
         if now - self.last_sent > KEEPALIVE_EVERY:
-            self.server.reply(self.master,
-                              P.response(P.KEEPALIVE, {"clone_id": self.clone_id}))
+            self.server.send(self.master, P.KEEPALIVE, {"clone_id": self.clone_id})
             self.last_sent = now
 
     def _read(self, now: float) -> None:
@@ -261,9 +280,12 @@ class Session:
                 break
             block = self.to_compress.popleft()
             self.compressing[block.seq] = block
+            seal = None if self.data_key is None else [
+                self.data_key, self.clone_id, self.state_no, block.seq, block.raw,
+                block.span, block.segs]
             server.compressors.submit(server.compressors.least_loaded(),
                                       ["compress", [self.clone_id, block.seq], block.slot,
-                                       out_slot, block.length, self.codec])
+                                       out_slot, block.length, self.codec, seal])
 
     def _next_stream(self, streams: list[Stream]) -> Stream | None:
         """Round robin over the streams with credit left."""
@@ -283,11 +305,9 @@ class Session:
                 break
             block = self.ready.popleft()
             ring = self.server.ring_of(block.ring)
-            tracker = self.server.reply(
-                stream.ident,
-                P.response(P.DATA_DESC, block.desc().to_body(),
-                           ring.slot(block.slot, block.length)),
-                copy=False, track=True)
+            tracker = self.server.send(stream.ident, P.DATA_DESC, block.desc().to_body(),
+                                       ring.slot(block.slot, block.length),
+                                       copy=False, track=True)
             if tracker is None:
                 ring.release(block.slot)
                 self.server.end_session(None, send_error=False)
@@ -308,7 +328,8 @@ class Session:
             self.snapshot.end()
         if send_error and err is not None:
             for ident in self.streams:
-                self.server.reply(ident, P.error_response(err.errno, err.message))
+                self.server.send(ident, P.ERROR, M.ErrorBody(err.errno,
+                                                             err.message).to_body())
         for block in self.ready:
             self.server.ring_of(block.ring).release(block.slot)
         assert self.server.ring is not None

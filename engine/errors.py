@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_AUTH = 6  #: authentication or encryption refused
 
 
 class CloneError(Exception):
@@ -90,6 +91,49 @@ class DdlInProgress(CloneError):
     errno = 3633
     template = "Concurrent DDL is performed during clone operation. Please try again."
     retryable = True
+
+
+class AccessDenied(CloneError):
+    """A wrong password, an unknown user or no password: one message for all three, so
+    that nobody can learn which users exist (MySQL's ER_ACCESS_DENIED_ERROR)."""
+
+    errno = 1045
+    sqlstate = "28000"
+    template = "Access denied for user '%s'@'%s' (using password: %s)"
+    default_hint = "check the user name and the password (CLONE_AGENT_PASSWORD, " \
+        "--password-stdin or the prompt); the donor's owner manages users with " \
+        "`clone-agent user`"
+    exit_status = EXIT_AUTH
+
+
+class NoPrivilege(CloneError):
+    """An authenticated user without BACKUP_ADMIN (MySQL's ER_SPECIFIC_ACCESS_DENIED)."""
+
+    errno = 1227
+    sqlstate = "42000"
+    template = "Access denied; you need (at least one of) the %s privilege(s) for this " \
+        "operation"
+    default_hint = "the donor's owner can give it: `clone-agent user add NAME --users FILE`"
+    exit_status = EXIT_AUTH
+
+
+class SslError(CloneError):
+    """The clone cannot be encrypted as asked, or the donor's key is not the pinned one
+    (MySQL's CR_SSL_CONNECTION_ERROR)."""
+
+    errno = 2026
+    template = "SSL connection error: %s"
+    exit_status = EXIT_AUTH
+
+
+class InsecureTransport(CloneError):
+    """A plain client at a donor that requires encryption (ER_SECURE_TRANSPORT_REQUIRED)."""
+
+    errno = 3159
+    template = "Connections using insecure transport are prohibited while " \
+        "--require_secure_transport=ON."
+    default_hint = "leave out --require-no-ssl: the clone is then encrypted"
+    exit_status = EXIT_AUTH
 
 
 class TooManyClones(CloneError):
@@ -254,7 +298,8 @@ EXIT_STATUS_TABLE: dict[type[CloneError], int] = {
         QueryInterrupted, PathInDatadir, DdlInProgress, TooManyClones, DonorError,
         NetworkError, ProtocolError, DonorVersion, DonorOS, DonorPlatform, ConfigMismatch,
         SysConfig, InvalidDonorList, DiskSpace, CloneInProgress, UsageError, LocalIOError,
-        StageCrashed, UnknownVariable, Unexpected,
+        StageCrashed, UnknownVariable, Unexpected, AccessDenied, NoPrivilege, SslError,
+        InsecureTransport,
         ChecksumMismatch, UnsafeName, NotADataDirectory, DataDirectoryLocked, VerifyFailed,
         NoStatus,
     )

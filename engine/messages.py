@@ -28,6 +28,8 @@ from engine.protocol import (
     want,
 )
 
+#: Snapshot states as locators and sealed blocks number them.
+STATE_NUMBERS = {"FILE COPY": 1, "PAGE COPY": 2, "REDO COPY": 3}
 MAX_DDL_TIMEOUT = 2592000  #: clone_ddl_timeout's ceiling, in seconds
 MAX_NAME_FIELD = 256  #: characters in a user, agent, OS or machine name
 MAX_BLOCKS = 1 << 40
@@ -50,13 +52,93 @@ def _flag(body: dict[str, Any], key: str) -> bool:
 
 
 # -- the handshake ---------------------------------------------------------------------
+KEY_FIELD = 64  #: characters of a base64 key or proof field
+
+
+@dataclass(frozen=True)
+class Hello:
+    """HELLO: the first message of every stream. ``e``: the recipient's ephemeral
+    public key (base64), or "" to ask for a plain stream (--require-no-ssl)."""
+
+    version: int
+    e: str = ""
+
+    def to_body(self) -> dict[str, Any]:
+        return {"version": self.version, "e": self.e}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Hello:
+        return cls(want(body, "version", int, 0, 255), _text(body, "e", limit=KEY_FIELD))
+
+
+@dataclass(frozen=True)
+class HelloReply:
+    """HELLO's answer: the donor's ephemeral key ``e``, its static key ``s`` and the
+    ``confirm``ation that it holds it (all "" for a plain stream), and ``auth``: "scram"
+    (prove a password) or "none" (a donor that allows anonymous clones)."""
+
+    version: int
+    auth: str
+    e: str = ""
+    s: str = ""
+    confirm: str = ""
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.e)
+
+    def to_body(self) -> dict[str, Any]:
+        return {"version": self.version, "auth": self.auth, "e": self.e, "s": self.s,
+                "confirm": self.confirm}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> HelloReply:
+        auth = body.get("auth")
+        if auth not in ("scram", "none"):
+            raise ProtocolError(f"unknown authentication {str(auth)[:20]!r}")
+        return cls(want(body, "version", int, 0, 255), auth,
+                   _text(body, "e", limit=KEY_FIELD), _text(body, "s", limit=KEY_FIELD),
+                   _text(body, "confirm", limit=KEY_FIELD))
+
+
+@dataclass(frozen=True)
+class Auth:
+    """AUTH: one SCRAM message of the recipient's (``step`` "first" or "final")."""
+
+    step: str
+    data: str
+
+    def to_body(self) -> dict[str, Any]:
+        return {"step": self.step, "data": self.data}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Auth:
+        step = body.get("step")
+        if step not in ("first", "final"):
+            raise ProtocolError(f"AUTH step {str(step)[:20]!r}")
+        return cls(step, _text(body, "data", limit=1024))
+
+
+@dataclass(frozen=True)
+class AuthReply:
+    """AUTH's answer: the donor's SCRAM message."""
+
+    data: str
+
+    def to_body(self) -> dict[str, Any]:
+        return {"data": self.data}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> AuthReply:
+        return cls(_text(body, "data", limit=1024))
+
+
 @dataclass(frozen=True)
 class Init:
-    """INIT: a recipient asks for a clone (stream 0)."""
+    """INIT: a recipient asks for a clone (stream 0, after HELLO and AUTH)."""
 
     version: int
     user: str
-    password: str = field(repr=False)
     streams: int = 1
     ddl_timeout: int = 300
     block_size: int = LEGACY_BLOCK
@@ -66,7 +148,7 @@ class Init:
     machine: str = ""
 
     def to_body(self) -> dict[str, Any]:
-        return {"version": self.version, "user": self.user, "password": self.password,
+        return {"version": self.version, "user": self.user,
                 "agent": self.agent, "os": self.os, "machine": self.machine,
                 "streams": self.streams, "ddl_timeout": self.ddl_timeout,
                 "block_size": self.block_size, "compression": self.compression}
@@ -82,7 +164,7 @@ class Init:
                                 "from 64 KiB to 4 MiB")
         return cls(
             version=want(body, "version", int, 0, 255),
-            user=_text(body, "user"), password=_text(body, "password", limit=4096),
+            user=_text(body, "user"),
             streams=want(body, "streams", int, 1, MAX_STREAMS) if "streams" in body else 1,
             ddl_timeout=want(body, "ddl_timeout", int, 0, MAX_DDL_TIMEOUT)
             if "ddl_timeout" in body else 300,
@@ -108,9 +190,12 @@ class Config:
     os: str = ""
     machine: str = ""
     data_dir: str = ""
+    #: what every other stream of this clone must show in its ATTACH (base64 of 32
+    #: random bytes): only the authenticated master receives it
+    secret: str = field(default="", repr=False)
 
     def to_body(self) -> dict[str, Any]:
-        return {"version": self.version, "clone_id": self.clone_id,
+        return {"version": self.version, "clone_id": self.clone_id, "secret": self.secret,
                 "snapshot_id": self.snapshot_id, "server_version": self.server_version,
                 "os": self.os, "machine": self.machine, "data_dir": self.data_dir,
                 "files": self.files, "bytes": self.bytes, "blocks": self.blocks,
@@ -136,22 +221,25 @@ class Config:
             page_size=want(body, "page_size", int, 0, 65536) if "page_size" in body else 0,
             snapshot_id=_text(body, "snapshot_id"),
             server_version=_text(body, "server_version"), os=_text(body, "os"),
-            machine=_text(body, "machine"), data_dir=_text(body, "data_dir", limit=4096))
+            machine=_text(body, "machine"), data_dir=_text(body, "data_dir", limit=4096),
+            secret=_text(body, "secret", limit=KEY_FIELD))
 
 
 @dataclass(frozen=True)
 class Attach:
-    """ATTACH: an extra stream joins clone ``clone_id``."""
+    """ATTACH: an extra stream joins clone ``clone_id``, showing CONFIG's secret."""
 
     clone_id: int
     stream: int
+    secret: str = field(default="", repr=False)
 
     def to_body(self) -> dict[str, Any]:
-        return {"clone_id": self.clone_id, "stream": self.stream}
+        return {"clone_id": self.clone_id, "stream": self.stream, "secret": self.secret}
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Attach:
-        return cls(want(body, "clone_id", int, 0), want(body, "stream", int, 0, MAX_STREAMS))
+        return cls(want(body, "clone_id", int, 0), want(body, "stream", int, 0, MAX_STREAMS),
+                   _text(body, "secret", limit=KEY_FIELD))
 
 
 @dataclass(frozen=True)
@@ -358,15 +446,17 @@ class BlockDesc:
 
     @classmethod
     def from_body(cls, body: dict[str, Any], payload_len: int, block_size: int,
-                  total_blocks: int) -> BlockDesc:
+                  total_blocks: int, overhead: int = 0) -> BlockDesc:
+        """``overhead``: what sealing adds to every block (0: a plain clone)."""
         seq = want(body, "seq", int, 0, total_blocks - 1)
-        length = want(body, "len", int, 0, block_size)  # compressed: smaller
+        length = want(body, "len", int, overhead, block_size + overhead)  # compressed: less
         raw = want(body, "raw", int, 0, block_size)
         comp = want(body, "comp", int, 0, 2)
         xxh = want(body, "xxh", int, 0, (1 << 64) - 1)
         span = want(body, "span", int, raw, block_size)
         segs = want(body, "segs", list)
-        if len(segs) > MAX_SEGMENTS or length != payload_len or (comp == 0 and length != raw):
+        if len(segs) > MAX_SEGMENTS or length != payload_len or (
+                comp == 0 and length != raw + overhead):
             raise ProtocolError(f"block {seq} is malformed")
         total = 0
         for seg in segs:

@@ -4,7 +4,7 @@ Modelled on MySQL's clone RPC (docs/mysql.md); docs/protocol.md is the full
 specification. Every message is one ZeroMQ multipart message:
 
   frame 0  header, 8 bytes: b"CA", u8 protocol version, u8 direction (0 command,
-           1 response), u8 type, 3 bytes zero
+           1 response), u8 type, u8 flags (bit 0: the body is sealed), 2 bytes zero
   frame 1  body: one JSON object (UTF-8), at most MAX_BODY bytes
   frame 2  payload, only in DATA_DESC: the block's bytes (MySQL's DATA, which must
            directly follow its DATA_DESC), at most MAX_PAYLOAD bytes
@@ -26,35 +26,45 @@ from engine.codec import BLOCKS_PER_CHUNK, MAX_BLOCK
 from engine.errors import ProtocolError
 
 MAGIC = b"CA"
-PROTOCOL_VERSION = 1
-MIN_PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  #: 2: HELLO (the handshake), AUTH (SCRAM), sealed bodies and blocks
+MIN_PROTOCOL_VERSION = 2
 
 CMD = 0
 RESP = 1
 
-# Commands, recipient -> donor (MySQL's numbers).
+# Commands, recipient -> donor (MySQL's numbers; HELLO and AUTH are our own).
 INIT, ATTACH, REINIT, EXECUTE, ACK, EXIT = 1, 2, 3, 4, 5, 6
-# Responses, donor -> recipient (MySQL's numbers; FILES, KEEPALIVE, STATE are our own).
+HELLO, AUTH = 7, 8
+# Responses, donor -> recipient (MySQL's numbers; FILES, KEEPALIVE, STATE, HELLO and
+# AUTH are our own).
 LOCS, DATA_DESC, DATA, PLUGIN, CONFIG, COLLATION = 1, 2, 3, 4, 5, 6
 FILES, KEEPALIVE, STATE = 7, 8, 9
+HELLO_REPLY, AUTH_REPLY = 10, 11
 COMPLETE, ERROR = 99, 100
 
 COMMAND_NAMES = {INIT: "INIT", ATTACH: "ATTACH", REINIT: "REINIT", EXECUTE: "EXECUTE",
-                 ACK: "ACK", EXIT: "EXIT"}
+                 ACK: "ACK", EXIT: "EXIT", HELLO: "HELLO", AUTH: "AUTH"}
 RESPONSE_NAMES = {LOCS: "LOCS", DATA_DESC: "DATA_DESC", CONFIG: "CONFIG", FILES: "FILES",
                   KEEPALIVE: "KEEPALIVE", STATE: "STATE", COMPLETE: "COMPLETE",
-                  ERROR: "ERROR"}
+                  ERROR: "ERROR", HELLO_REPLY: "HELLO", AUTH_REPLY: "AUTH"}
+#: Messages that go before a stream's handshake is done: never sealed.
+UNSEALED_COMMANDS = (HELLO,)
+UNSEALED_RESPONSES = (HELLO_REPLY, ERROR)
+SEALED = 1  #: the header's flag
 
 # Limits (a peer that exceeds one is a protocol violation).
 MAX_BODY = 8 << 20  #: bytes in a JSON body (a FILES page of long names fits easily)
-MAX_PAYLOAD = MAX_BLOCK + (64 << 10)  #: the largest block plus compression overhead
+MAX_PAYLOAD = MAX_BLOCK + (64 << 10)  #: the largest block plus compression and sealing
+#: The most a peer may send in one message, all frames: ZeroMQ refuses more before it
+#: buffers it (ZMQ_MAXMSGSIZE applies to each frame), so memory is bounded before any check.
+MAX_FRAME = MAX_PAYLOAD
 MAX_FILES = 10_000_000  #: entries in one manifest
 MAX_FILES_PAGE = 2000  #: entries in one FILES response
 MAX_FILE_SIZE = 1 << 48
 MAX_STREAMS = 128  #: clone_max_concurrency's ceiling
 MAX_CREDIT = 1024  #: blocks in flight on one stream
 
-_HEADER = struct.Struct("<2sBBB3x")
+_HEADER = struct.Struct("<2sBBBBH")
 
 
 @dataclass
@@ -72,19 +82,26 @@ class Message:
 
 
 def encode(direction: int, kind: int, body: dict[str, Any], payload: Any = None,
-           version: int = PROTOCOL_VERSION) -> list[Any]:
-    frames: list[Any] = [_HEADER.pack(MAGIC, version, direction, kind), orjson.dumps(body)]
+           version: int = PROTOCOL_VERSION, cipher: Any = None) -> list[Any]:
+    """The frames of one message. ``cipher``: the stream's
+    :class:`~engine.crypto.ControlCipher`, which seals the body (the header, sent in
+    clear, is its associated data)."""
+    flags = SEALED if cipher is not None else 0
+    header = _HEADER.pack(MAGIC, version, direction, kind, flags, 0)
+    data = orjson.dumps(body)
+    frames: list[Any] = [header, cipher.seal(header, data) if cipher is not None else data]
     if payload is not None:
         frames.append(payload)
     return frames
 
 
-def command(kind: int, body: dict[str, Any]) -> list[Any]:
-    return encode(CMD, kind, body)
+def command(kind: int, body: dict[str, Any], cipher: Any = None) -> list[Any]:
+    return encode(CMD, kind, body, cipher=cipher)
 
 
-def response(kind: int, body: dict[str, Any], payload: Any = None) -> list[Any]:
-    return encode(RESP, kind, body, payload)
+def response(kind: int, body: dict[str, Any], payload: Any = None,
+             cipher: Any = None) -> list[Any]:
+    return encode(RESP, kind, body, payload, cipher=cipher)
 
 
 def error_response(errno: int, message: str) -> list[Any]:
@@ -95,24 +112,46 @@ def _buf(frame: Any) -> Any:
     return frame.buffer if hasattr(frame, "buffer") else frame
 
 
-def decode(frames: list[Any], expect: int) -> Message:
-    """Check and decode one multipart message sent in direction ``expect``."""
-    if len(frames) not in (2, 3):
-        raise ProtocolError(f"message of {len(frames)} frames")
-    header = bytes(_buf(frames[0]))
+def _check_header(header: bytes, expect: int) -> tuple[int, int, int, int]:
+    """(version, direction, type, flags) of a header whose every byte is checked."""
     if len(header) != _HEADER.size:
         raise ProtocolError("bad header size")
-    magic, version, direction, kind = _HEADER.unpack(header)
+    magic, version, direction, kind, flags, pad = _HEADER.unpack(header)
     if magic != MAGIC:
         raise ProtocolError("not a clone-agent message (bad magic)")
     if direction != expect:
         raise ProtocolError(f"message in the wrong direction ({direction})")
-    names = COMMAND_NAMES if direction == CMD else RESPONSE_NAMES
-    if kind not in names:
+    if flags & ~SEALED or pad:
+        raise ProtocolError("header with unknown flags or bytes that are not zero")
+    if kind not in (COMMAND_NAMES if direction == CMD else RESPONSE_NAMES):
         raise ProtocolError(f"unknown message type {kind}")
+    if not MIN_PROTOCOL_VERSION <= version <= 255:
+        raise ProtocolError(f"protocol version {version} is older than the oldest "
+                            f"supported ({MIN_PROTOCOL_VERSION})")
+    return version, direction, kind, flags
+
+
+def decode(frames: list[Any], expect: int, cipher: Any = None) -> Message:
+    """Check and decode one multipart message sent in direction ``expect``.
+
+    ``cipher``: the stream is encrypted: every body must be sealed, except those that
+    go before the handshake ends (HELLO) and an ERROR (a donor may refuse a stream in
+    clear at any time; an ERROR changes no state but the clone's end)."""
+    if len(frames) not in (2, 3):
+        raise ProtocolError(f"message of {len(frames)} frames")
+    header = bytes(_buf(frames[0]))
+    version, direction, kind, flags = _check_header(header, expect)
+    names = COMMAND_NAMES if direction == CMD else RESPONSE_NAMES
     body_buf = _buf(frames[1])
     if len(body_buf) > MAX_BODY:
         raise ProtocolError(f"body of {len(body_buf)} bytes exceeds {MAX_BODY}")
+    unsealed = UNSEALED_COMMANDS if direction == CMD else UNSEALED_RESPONSES
+    if flags & SEALED:
+        if cipher is None:
+            raise ProtocolError(f"a sealed {names[kind]} on a stream without a handshake")
+        body_buf = cipher.open(header, body_buf)
+    elif cipher is not None and kind not in unsealed:
+        raise ProtocolError(f"{names[kind]} in clear on an encrypted stream")
     try:
         body = orjson.loads(body_buf)
     except orjson.JSONDecodeError:

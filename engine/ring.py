@@ -79,6 +79,9 @@ class RingView:
         if not 0 <= index < self.capacity:
             raise IndexError(f"slot {index} outside ring of {self.capacity}")
         assert self._map.view is not None, "ring closed"
+        if length is not None and length > self.slot_size:
+            # a bug, never a peer's doing: it would spill into the next slot
+            raise ValueError(f"{length} bytes do not fit a slot of {self.slot_size}")
         start = index * self.slot_size
         return self._map.view[start : start + (self.slot_size if length is None else length)]
 

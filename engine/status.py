@@ -76,6 +76,8 @@ class CloneStatus:
     binlog_file: str = ""
     binlog_position: int = 0
     gtid_executed: str = ""
+    encrypted: bool = False  #: the clone's streams and blocks were encrypted
+    donor_key: str = ""  #: the donor key's fingerprint (SHA256:...), when encrypted
 
 
 def _record_path(state_dir: str, destination: str) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import zmq
 
 from engine.errors import DonorError, NetworkError, UsageError
+from engine.protocol import MAX_FRAME
 
 SOCKET_HWM = 1100  #: above protocol.MAX_CREDIT, so a credited send never meets the HWM
 SOCKET_BUFFER = 4 << 20
@@ -47,6 +48,9 @@ def _tune(sock: zmq.Socket[Any]) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
     sock.setsockopt(zmq.IPV6, 1)
+    # A frame larger than any message may be is refused by libzmq as it arrives, and its
+    # connection dropped: it is never buffered whole before our checks see it.
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
 
 
 def router(ctx: zmq.Context[Any], host: str, port: int,

@@ -31,6 +31,7 @@ from typing import Any
 from engine import messages as M
 from engine.codec import block_size_for
 from engine.config import CloneConfig, check_valid_donor
+from engine.crypto import fingerprint
 from engine.errors import CloneError, QueryInterrupted, from_oserror
 from engine.fsutil import syncfs
 from engine.protocol import MAX_STREAMS, PROTOCOL_VERSION
@@ -41,16 +42,23 @@ from engine.throttle import RateLimit
 from engine.transport import probe, tcp_url, tune_allocator
 from recipient.destination import Destination, check_new_directory
 from recipient.manifest import REDO_NAME, Manifest
-from recipient.transfer import START_STREAMS, Timeouts, Transfer, limit_bytes
+from recipient.transfer import (
+    PREFER_SSL,
+    START_STREAMS,
+    Security,
+    Timeouts,
+    Transfer,
+    limit_bytes,
+)
 from recipient.tuner import Tuner
 from recipient.writer import Writer
 
 log = logging.getLogger("clone_agent.recipient")
 
 EventSink = Callable[[dict[str, Any]], None]
+SLOT_PAD = 4096  #: room in a ring slot beyond the block: a sealed block's nonce and tag
 FLUSH_EVERY = 0.5  #: seconds between write-backs of the page cache during FILE COPY
-#: Snapshot states as the locator numbers them.
-STATE_NUMBERS = {"FILE COPY": 1, "PAGE COPY": 2, "REDO COPY": 3}
+STATE_NUMBERS = M.STATE_NUMBERS
 
 #: Kept for callers that check a destination before they build a pull (clone-local).
 check_destination = check_new_directory
@@ -69,6 +77,8 @@ class PullOptions:
     idle_timeout: float = 60.0
     writers: int = 2
     url: str | None = None  #: an ipc:// endpoint for clone-local; None: tcp to host:port
+    ssl: str = PREFER_SSL  #: REQUIRE SSL, REQUIRE NO SSL, or neither (encrypted if offered)
+    pinned: bytes | None = field(default=None, repr=False)  #: the donor key (--ssl-ca)
     should_stop: Callable[[], bool] = field(default=lambda: False)
     emit: EventSink = field(default=lambda event: None)
 
@@ -171,11 +181,14 @@ class Pull:
         if url is None:
             probe(o.host, o.port, o.connect_timeout)
             url = tcp_url(o.host, o.port)
-        t = self.transfer = Transfer(url, o.config,
-                                     Timeouts(o.connect_timeout, o.idle_timeout, o.should_stop),
-                                     self._progress)
+        t = self.transfer = Transfer(
+            url, o.config, Timeouts(o.connect_timeout, o.idle_timeout, o.should_stop),
+            self._progress, Security(o.user, o.password, o.ssl, o.pinned),
+            f"{o.host}:{o.port}")
         with ExitStack() as stack:
-            ring = stack.enter_context(Ring(slots, block_size))
+            # A slot holds a block and, in an encrypted clone, its nonce and tag: one
+            # page more, so that every slot still starts on a page (O_DIRECT from it).
+            ring = stack.enter_context(Ring(slots, block_size + SLOT_PAD))
             writer_args = {"ring": ring.name, "capacity": ring.capacity,
                            "slot_size": ring.slot_size, "root": self.dest.root}
             for key, mib in (("data_limit", o.config.max_data_bandwidth),
@@ -183,11 +196,14 @@ class Pull:
                 if mib:
                     writer_args[key] = stack.enter_context(RateLimit.create(mib)).name
             t.init(M.Init(
-                version=PROTOCOL_VERSION, user=o.user, password=o.password or "",
+                version=PROTOCOL_VERSION, user=o.user,
                 streams=n_streams, ddl_timeout=o.config.ddl_timeout, block_size=block_size,
                 compression=o.config.compression_algorithm
                 if o.config.enable_compression else "none",
                 os=platform.system(), machine=platform.machine()))
+            self._security_status()
+            if t.keys is not None:  # blocks are opened by the writers
+                writer_args["data_key"] = t.keys.data
             # The writers start while the donor scans its data directory for CONFIG.
             writers = stack.enter_context(Pipeline(
                 "writer", "recipient.writer:Writer", o.writers, writer_args))
@@ -197,7 +213,7 @@ class Pull:
             stack.callback(t.local.close)
             self.dest.attach_status()  # durable, while the donor scans
             self._emit_status()
-            cfg = t.config(f"{o.host}:{o.port}")
+            cfg = t.config()
             self._end_stage("DROP DATA")
 
             self.book.begin_stage("FILE COPY", estimate=cfg.bytes, threads=1)
@@ -226,6 +242,16 @@ class Pull:
         t.finish()
         self.dest.commit()
         return self._summary()
+
+    def _security_status(self) -> None:
+        """What the handshake gave: in clone_status, the summary and the events."""
+        assert self.transfer is not None
+        st = self.book.status
+        st.encrypted = self.transfer.encrypted
+        keys = self.transfer.keys
+        st.donor_key = fingerprint(keys.donor_key) if keys is not None else ""
+        if keys is not None and self.o.pinned is None and self.o.url is None:
+            log.debug("the donor's key is %s; pin it with --ssl-ca", st.donor_key)
 
     def _copy_state(self, name: str, ring: Ring, writers: Pipeline) -> M.State:
         """PAGE COPY or REDO COPY: ask for the state, apply its sizes, move its blocks."""

@@ -24,16 +24,22 @@ from typing import Any
 
 import zmq
 
+from engine import crypto
 from engine import messages as M
 from engine import protocol as P
+from engine.auth import ClientSide
 from engine.config import CloneConfig
 from engine.errors import (
+    AccessDenied,
     CloneError,
     CloneInProgress,
     DonorError,
+    InsecureTransport,
     NetworkError,
+    NoPrivilege,
     ProtocolError,
     QueryInterrupted,
+    SslError,
     StageCrashed,
     TooManyClones,
     by_number,
@@ -48,6 +54,11 @@ from recipient.writer import Piece, WriteOrder, Writer
 
 log = logging.getLogger("clone_agent.recipient")
 
+
+def printable(text: str) -> str:
+    """The donor's words without control characters: they reach a terminal and logs."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:2000]
+
 #: Streams open at the start of an autotuned clone: one, as MySQL.
 START_STREAMS = 1
 WRITERS_READY_TIMEOUT = 60.0  #: seconds for the writer processes to start
@@ -60,6 +71,24 @@ BURST = 64
 
 #: Called as the transfer moves: (stage, data bytes, network bytes, streams).
 Progress = Callable[[str, int, int, int], None]
+
+
+#: Errors of the donor's that reach the user as they are (the rest are wrapped in 3862).
+PASS_THROUGH = (DonorError.errno, TooManyClones.errno, CloneInProgress.errno,
+                AccessDenied.errno, NoPrivilege.errno, InsecureTransport.errno, SslError.errno)
+
+REQUIRE_SSL, PREFER_SSL, NO_SSL = "require", "prefer", "none"
+
+
+@dataclass
+class Security:
+    """Who the recipient is and how it protects the clone (MySQL's REQUIRE [NO] SSL:
+    by default encrypted when the donor offers it, which this donor always does)."""
+
+    user: str
+    password: str | None = field(default=None, repr=False)
+    ssl: str = PREFER_SSL
+    pinned: bytes | None = None  #: the donor's public key (--ssl-ca), or None
 
 
 @dataclass
@@ -80,8 +109,15 @@ class Transfer:
     """The streams of one clone, from INIT to EXIT. ``close()`` ends them."""
 
     def __init__(self, url: str, config: CloneConfig, timeouts: Timeouts,
-                 progress: Progress) -> None:
+                 progress: Progress, security: Security, where: str = "") -> None:
         self.url = url
+        self.security = security
+        self.where = where  #: HOST:PORT, for messages
+        #: the control cipher of each stream (None: a plain stream)
+        self.ciphers: list[crypto.ControlCipher | None] = []
+        self.keys: crypto.Keys | None = None  #: stream 0's: the data key, the donor key
+        self.secret = ""  #: CONFIG's, for ATTACH
+        self.state_no = 0
         self.clone_config = config
         self.t = timeouts
         self.progress = progress
@@ -110,20 +146,31 @@ class Transfer:
         self.answers: list[list[int]] = []
 
     # -- the wire ---------------------------------------------------------------------
-    def send(self, i: int, kind: int, msg: Any) -> None:
-        with mapped_errors("sending to the donor"):
-            self.streams[i].send_multipart(P.command(kind, msg.to_body()), zmq.NOBLOCK)
+    @property
+    def encrypted(self) -> bool:
+        return self.keys is not None
 
-    def _recv(self, sock: zmq.Socket[Any]) -> P.Message:
+    @property
+    def seal_overhead(self) -> int:
+        return crypto.SEAL_OVERHEAD if self.keys is not None else 0
+
+    def send(self, i: int, kind: int, msg: Any) -> None:
+        cipher = self.ciphers[i] if kind not in P.UNSEALED_COMMANDS else None
+        with mapped_errors("sending to the donor"):
+            self.streams[i].send_multipart(P.command(kind, msg.to_body(), cipher),
+                                           zmq.NOBLOCK)
+
+    def _recv(self, i: int) -> P.Message:
         with mapped_errors("receiving from the donor"):
-            frames = sock.recv_multipart(copy=False)
+            frames = self.streams[i].recv_multipart(copy=False)
         self.net_bytes += sum(len(f.buffer) for f in frames)
-        msg = P.decode(frames, P.RESP)
+        msg = P.decode(frames, P.RESP, self.ciphers[i])
         if msg.kind == P.ERROR:
             err = M.ErrorBody.from_body(msg.body)
-            if err.error_no in (DonorError.errno, TooManyClones.errno, CloneInProgress.errno):
-                raise by_number(err.error_no, err.error_message)
-            raise DonorError(f"{err.error_no} : {err.error_message.rstrip('.')}")
+            text = printable(err.error_message)
+            if err.error_no in PASS_THROUGH:
+                raise by_number(err.error_no, text)
+            raise DonorError(f"{err.error_no} : {text.rstrip('.')}")
         return msg
 
     def wait(self, i: int, timeout: float, what: str, watch_master: bool = False
@@ -148,11 +195,11 @@ class Transfer:
                                    hint="the donor or the network stopped; try again")
             ready = dict(poller.poll(int(min(left, 0.2) * 1000)))
             if i and self.streams[0] in ready:
-                msg = self._recv(self.streams[0])  # an ERROR raises
+                msg = self._recv(0)  # an ERROR raises
                 if msg.kind != P.KEEPALIVE:
                     raise ProtocolError(f"{msg.name} on stream 0 before data was asked")
             if sock in ready:
-                msg = self._recv(sock)
+                msg = self._recv(i)
                 if msg.kind != P.KEEPALIVE:
                     return msg
 
@@ -164,36 +211,91 @@ class Transfer:
         return msg
 
     # -- the handshake ------------------------------------------------------------------
-    def init(self, init: M.Init) -> None:
-        """Open stream 0 and send INIT (its CONFIG is read by :meth:`config`)."""
+    def _open_streams(self, first: int, count: int) -> list[M.HelloReply]:
+        """Open streams ``first`` .. ``count-1`` and run each one's handshake (HELLO):
+        from here each is encrypted, or plain where the user asked for it."""
         assert self.ctx is not None
+        sec = self.security
+        hellos = []
+        for i in range(first, count):
+            self.streams.append(dealer(self.ctx, self.url))
+            self.ciphers.append(None)
+            hello = crypto.Initiator() if sec.ssl != NO_SSL else None
+            hellos.append(hello)
+            self.send(i, P.HELLO, M.Hello(P.PROTOCOL_VERSION, crypto.b64(hello.hello)
+                                          if hello is not None else ""))
+        replies = []
+        for i, hello in zip(range(first, count), hellos, strict=True):
+            try:
+                msg = self.wait(i, self.t.connect, "HELLO")
+            except NetworkError as exc:
+                raise DonorError(
+                    f"Connect failed: 2003 : no clone-agent answered at '{self.where}' "
+                    f"within {self.t.connect:g} s",
+                    hint="is that `clone-agent serve`? check the port") from exc
+            if msg.kind != P.HELLO_REPLY:
+                raise ProtocolError(f"{msg.name} instead of HELLO")
+            reply = M.HelloReply.from_body(msg.body)
+            if reply.encrypted and hello is not None:
+                keys = hello.finish(reply.e, reply.s, reply.confirm, sec.pinned)
+                if i == 0:
+                    self.keys = keys
+                elif self.keys is None or keys.donor_key != self.keys.donor_key:
+                    raise SslError("a stream of the clone reached another donor key")
+                self.ciphers[i] = crypto.ControlCipher(keys.r2d, keys.d2r)
+            elif sec.ssl == REQUIRE_SSL:
+                raise SslError("the donor does not encrypt this connection, and "
+                               "--require-ssl was given")
+            elif reply.encrypted:
+                raise ProtocolError("an encrypted HELLO answer to a plain HELLO")
+            elif i and self.keys is not None:
+                raise ProtocolError("a plain stream in an encrypted clone")
+            replies.append(reply)
+        return replies
+
+    def _authenticate(self, reply: M.HelloReply) -> None:
+        """SCRAM on stream 0, bound to its handshake when it is encrypted."""
+        sec = self.security
+        if reply.auth == "none":
+            return
+        if not sec.password:
+            raise AccessDenied(sec.user, self.where.rpartition(":")[0], "NO")
+        scram = ClientSide(sec.user, sec.password,
+                           self.keys.binding if self.keys is not None else None)
+        self.send(0, P.AUTH, M.Auth("first", scram.first()))
+        first = self.expect(0, P.AUTH_REPLY, "AUTH", self.t.connect)
+        self.send(0, P.AUTH, M.Auth("final", scram.final(M.AuthReply.from_body(
+            first.body).data)))
+        final = self.expect(0, P.AUTH_REPLY, "AUTH", self.t.connect)
+        try:
+            scram.check(M.AuthReply.from_body(final.body).data)
+        except Exception:  # scramp's own error: the donor does not know our verifier
+            raise SslError("the donor could not prove that it knows this user",
+                           hint="someone may be in the middle of the connection") from None
+
+    def init(self, init: M.Init) -> None:
+        """Open stream 0: handshake, authentication, then INIT (its CONFIG is read by
+        :meth:`config`)."""
         self.block_size = init.block_size
-        self.streams.append(dealer(self.ctx, self.url))
+        reply = self._open_streams(0, 1)[0]
+        self._authenticate(reply)
         self.send(0, P.INIT, init)
 
-    def config(self, where: str) -> M.Config:
-        try:
-            msg = self.wait(0, self.t.connect, "INIT")
-        except NetworkError as exc:
-            raise DonorError(
-                f"Connect failed: 2003 : no clone-agent answered at '{where}' "
-                f"within {self.t.connect:g} s",
-                hint="is that `clone-agent serve`? check the port") from exc
-        if msg.kind != P.CONFIG:
-            raise ProtocolError(f"{msg.name} instead of CONFIG")
+    def config(self) -> M.Config:
+        msg = self.expect(0, P.CONFIG, "INIT", self.t.connect)
         cfg = M.Config.from_body(msg.body, self.block_size)
         self.clone_id = cfg.clone_id
         self.block_size = cfg.block_size
         self.paged = cfg.paged
+        self.secret = cfg.secret
         return cfg
 
     def attach(self, n: int, start: int = 1, before_data: bool = True) -> None:
         """Open streams ``start`` .. ``n-1`` (ATTACH, LOCS). ``before_data``: no data is
         in flight yet, so stream 0 is watched for an ERROR meanwhile."""
-        assert self.ctx is not None
+        self._open_streams(start, n)
         for i in range(start, n):
-            self.streams.append(dealer(self.ctx, self.url))
-            self.send(i, P.ATTACH, M.Attach(self.clone_id, i))
+            self.send(i, P.ATTACH, M.Attach(self.clone_id, i, self.secret))
         for i in range(start, n):
             msg = self.wait(i, self.t.connect, "ATTACH", watch_master=before_data)
             if msg.kind != P.LOCS:
@@ -283,6 +385,7 @@ class Transfer:
     # -- blocks ---------------------------------------------------------------------------
     def begin_state(self, state: int, total_blocks: int) -> None:
         """Counters and the record of written blocks start again for a new state."""
+        self.state_no = state
         self.data_bytes = self.net_bytes = self.blocks_done = 0
         self.seen.clear()
         self.written = P.Locator(self.clone_id, "", state, total_blocks)
@@ -313,7 +416,7 @@ class Transfer:
                 self._add_streams(grow, poller)
                 self._rebalance({})
             for i, sock in enumerate(self.streams):
-                if sock in events and self._drain(i, sock, stage, ring, writers, origin,
+                if sock in events and self._drain(i, stage, ring, writers, origin,
                                                   total_blocks):
                     complete = True
                 if sock in events:
@@ -329,14 +432,15 @@ class Transfer:
         if len(self.seen) != total_blocks:
             raise ProtocolError(f"COMPLETE after {len(self.seen)} of {total_blocks} blocks")
 
-    def _drain(self, i: int, sock: zmq.Socket[Any], stage: str, ring: Ring,
-               writers: Pipeline, origin: dict[int, tuple[int, int]], total: int) -> bool:
+    def _drain(self, i: int, stage: str, ring: Ring, writers: Pipeline,
+               origin: dict[int, tuple[int, int]], total: int) -> bool:
         """Read what stream ``i`` has (a burst at most); True when COMPLETE came."""
         complete = False
+        sock = self.streams[i]
         for _ in range(BURST):
             if not sock.poll(0):
                 break
-            msg = self._recv(sock)
+            msg = self._recv(i)
             if msg.kind == P.DATA_DESC:
                 self._on_block(i, msg, ring, writers, origin, total)
             elif msg.kind == P.COMPLETE:
@@ -381,7 +485,7 @@ class Transfer:
     def _on_block(self, stream: int, msg: P.Message, ring: Ring, writers: Pipeline,
                   origin: dict[int, tuple[int, int]], total_blocks: int) -> None:
         desc = M.BlockDesc.from_body(msg.body, len(msg.payload), self.block_size,
-                                     total_blocks)
+                                     total_blocks, self.seal_overhead)
         if desc.seq in self.seen:
             raise ProtocolError(f"block {desc.seq} sent twice")
         pieces = self._pieces(desc)
@@ -396,7 +500,10 @@ class Transfer:
         # allocates an inode). Blocks of big files go to the least loaded writer.
         writer = hash(pieces[0].rel.rpartition("/")[0]) % writers.n if len(pieces) > 1 \
             else writers.least_loaded()
-        order = WriteOrder(desc.seq, slot, desc.length, desc.xxh, desc.comp, desc.raw, pieces)
+        aad = crypto.block_aad(self.clone_id, self.state_no, desc.seq, desc.raw, desc.span,
+                               desc.comp, desc.segs) if self.keys is not None else b""
+        order = WriteOrder(desc.seq, slot, desc.length, desc.xxh, desc.comp, desc.raw, pieces,
+                           aad)
         if not writers.is_ready(writer):
             # Its "ready" may wait unread in its channel (nothing read the writers while
             # the manifest came): read them now rather than write here for nothing.
@@ -428,10 +535,8 @@ class Transfer:
         """Tell the donor the clone failed (best effort: the network may be the cause)."""
         if self.streams and self.clone_id:
             try:
-                self.streams[0].send_multipart(
-                    P.command(P.EXIT, M.Exit(self.clone_id, False, err.errno,
-                                             err.message).to_body()), zmq.NOBLOCK)
-            except zmq.ZMQError:
+                self.send(0, P.EXIT, M.Exit(self.clone_id, False, err.errno, err.message))
+            except CloneError:
                 pass
 
     def close(self) -> None:

@@ -64,16 +64,19 @@ class WriteOrder(NamedTuple):
     comp: int
     raw: int
     pieces: list[Piece]
+    #: a sealed block's associated data (engine.crypto.block_aad); b"": a plain block
+    aad: bytes = b""
 
     def to_wire(self) -> list[Any]:
         """A list marshal can carry (it refuses named tuples)."""
         return ["write", self.seq, self.slot, self.length, self.xxh, self.comp, self.raw,
-                [list(p) for p in self.pieces]]
+                [list(p) for p in self.pieces], self.aad]
 
     @classmethod
     def from_wire(cls, msg: list[Any]) -> WriteOrder:
-        _, seq, slot, length, xxh, comp, raw, pieces = msg
-        return cls(seq, slot, length, xxh, comp, raw, [Piece(*p) for p in pieces])
+        _, seq, slot, length, xxh, comp, raw, pieces, *aad = msg
+        return cls(seq, slot, length, xxh, comp, raw, [Piece(*p) for p in pieces],
+                   aad[0] if aad else b"")
 
 
 class Writer:
@@ -84,9 +87,21 @@ class Writer:
         self.direct_fds: OrderedDict[str, int] = OrderedDict()
         self.direct = bool(args.get("direct_io", True)) and hasattr(os, "O_DIRECT")
         self.direct_bytes = 0
-        #: page-aligned scratch for decompressed blocks, so they can go direct too
-        self._scratch = mmap.mmap(-1, args["slot_size"]) if self.direct else None
+        #: page-aligned scratch for decompressed or opened blocks, so they can go direct
+        #: too (a cipher may write a block's size plus 15 bytes: one page more)
+        self._scratch = mmap.mmap(-1, args["slot_size"] + ALIGN) if self.direct else None
         self._scratch_view = memoryview(self._scratch) if self._scratch is not None else None
+        # A sealed clone's blocks are opened here, in the processes that touch every
+        # byte anyway (engine/crypto.py); the key came in the start record, over the
+        # worker's own channel, never in its arguments or environment.
+        key = args.get("data_key")
+        self.sealer: Any = None
+        if key:
+            from engine.crypto import BlockSealer  # a plain clone's writers never load it
+
+            self.sealer = BlockSealer(key)
+        #: where a sealed block that is also compressed is opened before it is inflated
+        self._opened = bytearray(args["slot_size"] + ALIGN) if key else bytearray()
         self.decompressors: dict[int, Decompressor] = {}
         self.bytes = 0
         self.throttled = 0.0
@@ -161,12 +176,14 @@ class Writer:
         if checksum(view) != xxh:
             raise ChecksumMismatch(f"block {seq} failed its xxh3 checksum; nothing was written")
         data: memoryview = view
+        if order.aad or self.sealer is not None:
+            data = self._open_sealed(order, view)
         if comp:
             dec = self.decompressors.get(comp)
             if dec is None:
                 dec = self.decompressors[comp] = Decompressor(comp)
             try:
-                out = dec.decompress(view, raw)
+                out = dec.decompress(data, raw)
             except ValueError as exc:
                 raise ProtocolError(f"block {seq}: {exc}") from None
             if self._scratch_view is not None and self.direct:
@@ -186,6 +203,18 @@ class Writer:
             cursor += piece.size
         self.bytes += cursor
         return [seq, slot]
+
+    def _open_sealed(self, order: WriteOrder, view: memoryview) -> memoryview:
+        """The plain bytes of a sealed block, checked against where it goes; nothing is
+        written unless they check (ProtocolError, 3863)."""
+        if self.sealer is None or not order.aad:
+            raise ProtocolError(f"block {order.seq}: sealed and plain blocks mixed")
+        if order.comp or self._scratch_view is None or not self.direct:
+            out = memoryview(self._opened)
+        else:
+            out = self._scratch_view
+        n = self.sealer.open_into(view, out, order.aad)
+        return out[:n]
 
     def close(self) -> dict[str, Any]:
         for fd in [*self.fds.values(), *self.direct_fds.values()]:

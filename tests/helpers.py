@@ -46,7 +46,8 @@ class Donor:
 
     def __enter__(self) -> Donor:
         self.proc = subprocess.Popen(
-            [*CLI, "serve", self.datadir, "--bind", self.address, *self.extra],
+            [*CLI, "serve", self.datadir, "--bind", self.address,
+             *([] if "--users" in self.extra else ["--allow-anonymous"]), *self.extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         assert self.proc.stdout is not None
         sel = selectors.DefaultSelector()
@@ -141,3 +142,19 @@ def describe(root: Path) -> dict[str, Any]:
 
 def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
+
+
+def plain_peer(ctx: Any, address: str) -> Any:
+    """A DEALER stream to a donor, its handshake done, plain (as --require-no-ssl): for
+    tests that drive the donor with raw commands (INIT, EXIT) at an anonymous donor."""
+    import zmq
+
+    from engine import protocol as P
+
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{address}")
+    sock.send_multipart(P.command(P.HELLO, {"version": P.PROTOCOL_VERSION, "e": ""}))
+    assert sock.poll(10000), "the donor did not answer HELLO"
+    assert P.decode(sock.recv_multipart(), P.RESP).kind == P.HELLO_REPLY
+    return sock

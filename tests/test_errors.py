@@ -21,8 +21,10 @@ def test_exit_status_table() -> None:
     assert E.exit_status(E.DonorError("x")) == 1
     assert E.exit_status(E.DatabaseExists("/x")) == 1
     assert E.exit_status(RuntimeError()) == 1
+    for cls in (E.AccessDenied, E.NoPrivilege, E.SslError, E.InsecureTransport):
+        assert E.EXIT_STATUS_TABLE[cls] == E.EXIT_AUTH == 6, cls
     for cls, status in E.EXIT_STATUS_TABLE.items():
-        assert status in (1, 2), cls
+        assert status in (1, 2, 6), cls
 
 
 def test_retryable_is_an_attribute() -> None:

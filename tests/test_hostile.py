@@ -59,7 +59,11 @@ class FakeDonor(threading.Thread):
                     continue
                 ident, *frames = sock.recv_multipart()
                 msg = P.decode(frames, P.CMD)
-                if msg.kind == P.INIT:
+                if msg.kind == P.HELLO:  # a plain donor that takes anyone: the default
+                    # recipient accepts it (it asks for encryption, it does not require it)
+                    reply = M.HelloReply(P.PROTOCOL_VERSION, "none")
+                    sock.send_multipart([ident, *P.response(P.HELLO_REPLY, reply.to_body())])
+                elif msg.kind == P.INIT:
                     body = M.Config(version=1, clone_id=1, files=self.announce_files,
                                     blocks=len(self.blocks), bytes=0,
                                     block_size=self.block_size, files_page=self.files_page,
