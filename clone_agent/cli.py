@@ -463,6 +463,8 @@ def pull(
                                           help="seconds to reach the donor (ours)"),
     writers: int = typer.Option(2, "--writers", min=1, max=32, hidden=True,
                                 help="writer processes (ours, not MySQL's)"),
+    idle_timeout: float = typer.Option(60.0, "--idle-timeout", hidden=True,
+                                       help="fail when the donor sends no block this long"),
     json_mode: bool = typer.Option(False, "--json", help="NDJSON events on stdout"),
     verbose: bool = _verbose_option(),
 ) -> None:
@@ -494,7 +496,8 @@ def pull(
         return do_pull(PullOptions(user=user, host=host, port=port, destination=data_dir,
                                    config=config, password=password, state_dir=_state_dir(),
                                    connect_timeout=connect_timeout, should_stop=stop,
-                                   emit=reporter, writers=writers, ssl=ssl, pinned=pinned))
+                                   emit=reporter, writers=writers, ssl=ssl, pinned=pinned,
+                                   idle_timeout=idle_timeout))
 
     _run_pull(make, json_mode, "the clone")
 

@@ -415,27 +415,32 @@ class Transfer:
             if grow is not None and not complete:
                 self._add_streams(grow, poller)
                 self._rebalance({})
+            # Liveness is progress (a block received or written, COMPLETE), not any
+            # message: a donor that sends nothing but keep-alives has stopped too.
             for i, sock in enumerate(self.streams):
-                if sock in events and self._drain(i, stage, ring, writers, origin,
-                                                  total_blocks):
-                    complete = True
                 if sock in events:
-                    last_heard = now
+                    done, progressed = self._drain(i, stage, ring, writers, origin,
+                                                   total_blocks)
+                    complete = complete or done
+                    if progressed:
+                        last_heard = now
             if self._acknowledge(writers, ring, origin):
-                last_ping = now
+                last_ping = last_heard = now
             if now - last_ping > PING_EVERY:
                 self.send(0, P.ACK, M.Ack(self.clone_id, [], 0))
                 last_ping = now
             if now - last_heard > self.t.idle:
-                raise NetworkError(f"the donor has been silent for {self.t.idle:g} s")
+                raise NetworkError(f"the donor has been silent for {self.t.idle:g} s "
+                                   "(no block, at most keep-alives)")
             self.progress(stage, self.data_bytes, self.net_bytes, len(self.streams))
         if len(self.seen) != total_blocks:
             raise ProtocolError(f"COMPLETE after {len(self.seen)} of {total_blocks} blocks")
 
     def _drain(self, i: int, stage: str, ring: Ring, writers: Pipeline,
-               origin: dict[int, tuple[int, int]], total: int) -> bool:
-        """Read what stream ``i`` has (a burst at most); True when COMPLETE came."""
-        complete = False
+               origin: dict[int, tuple[int, int]], total: int) -> tuple[bool, bool]:
+        """Read what stream ``i`` has (a burst at most): (COMPLETE came, anything but a
+        keep-alive came)."""
+        complete = progressed = False
         sock = self.streams[i]
         for _ in range(BURST):
             if not sock.poll(0):
@@ -447,7 +452,8 @@ class Transfer:
                 complete = True
             elif msg.kind != P.KEEPALIVE:
                 raise ProtocolError(f"unexpected {msg.name} during {stage}")
-        return complete
+            progressed = progressed or msg.kind != P.KEEPALIVE
+        return complete, progressed
 
     def _acknowledge(self, writers: Pipeline, ring: Ring,
                      origin: dict[int, tuple[int, int]]) -> bool:

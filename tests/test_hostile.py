@@ -29,13 +29,14 @@ class FakeDonor(threading.Thread):
     def __init__(self, entries: list[dict[str, Any]], blocks: list[tuple[dict[str, Any], bytes]],
                  announce_files: int | None = None, extra_blocks: int = 0,
                  block_size: int = 1 << 20, files_page: int = 0,
-                 states: dict[str, tuple[dict[str, Any], list[tuple[dict, bytes]]]] | None = None
-                 ) -> None:
+                 states: dict[str, tuple[dict[str, Any], list[tuple[dict, bytes]]]] | None = None,
+                 keepalive_only: bool = False) -> None:
         """``states``: a page store's clone, by state name (PAGE COPY, REDO COPY): the
         STATE body's extra fields and the blocks that follow it, each state ended by
         COMPLETE as the real donor ends it (FILE COPY too, when ``states`` is given)."""
         super().__init__(daemon=True)
         self.states = states
+        self.keepalive_only = keepalive_only  #: after the manifest, keep-alives forever
         self.port = free_port()
         self.entries = entries
         self.blocks = blocks
@@ -54,7 +55,10 @@ class FakeDonor(threading.Thread):
         self.ready.set()
         sent = False
         try:
+            talker = b""
             while not self.stop.is_set():
+                if talker:  # a donor that says it is alive, and nothing more
+                    sock.send_multipart([talker, *P.response(P.KEEPALIVE, {"clone_id": 1})])
                 if not sock.poll(100):
                     continue
                 ident, *frames = sock.recv_multipart()
@@ -79,6 +83,10 @@ class FakeDonor(threading.Thread):
                 elif msg.kind == P.ATTACH:
                     locs = M.Locs(1, msg.body["stream"])
                     sock.send_multipart([ident, *P.response(P.LOCS, locs.to_body())])
+                elif msg.kind == P.EXECUTE and msg.body["what"] == "data" and \
+                        self.keepalive_only:
+                    sent = True
+                    talker = ident
                 elif msg.kind == P.EXECUTE and msg.body["what"] == "data" and not sent:
                     sent = True
                     extra = [self.blocks[-1]] * self.extra_blocks if self.extra_blocks else []
@@ -177,3 +185,21 @@ def test_hostile_donor(case: str, tmp_path: Path) -> None:
     assert_refused(res, dest)
     assert set(os.listdir(tmp_path)) - {"state"} == before - {"state"}
     assert not Path("/tmp/evil-abs").exists()
+
+
+def test_a_donor_that_sends_only_keepalives_fails_the_clone(tmp_path: Path) -> None:
+    """Liveness is progress: keep-alives alone do not keep a clone waiting forever."""
+    donor = FakeDonor(GOOD, [_block(0, [[0, 0, 4]], b"abcd")], keepalive_only=True)
+    donor.start()
+    assert donor.ready.wait(10)
+    dest = tmp_path / "work" / "dest"
+    dest.parent.mkdir()
+    try:
+        res = run_cli("pull", f"evil@127.0.0.1:{donor.port}", "--data-dir", str(dest),
+                      "--max-concurrency", "1", "--idle-timeout", "2", timeout=60)
+    finally:
+        donor.stop.set()
+        donor.join(10)
+    assert res.returncode == 1, res.stderr
+    assert "the donor has been silent for 2 s" in res.stderr
+    assert not dest.exists()
