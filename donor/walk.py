@@ -165,7 +165,7 @@ class Scanner:
 
     def note(self, kind: str, rel: str, message: str) -> None:
         self.tree.notes.append(Note(kind, rel, message))
-        log.warning("%s: %s", rel, message)
+        log.info("%s: %s", rel, message)
 
     def _add(self, rel: str, st: os.stat_result, dir_fd: int, name: str | None,
              path: str) -> str | None:

@@ -157,6 +157,38 @@ def parent_at(dir_fd: int, rel: str, split: bool = False) -> tuple[int, str, boo
     return fd, rel.rpartition("/")[2], True
 
 
+def open_at(dir_fd: int, rel: str, flags: int, mode: int = 0o600) -> int:
+    """``os.open`` of ``rel`` beneath ``dir_fd``, whatever its length: one system call
+    for a path the kernel takes whole (the usual case costs nothing more)."""
+    try:
+        return os.open(rel, flags, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+    dfd, name, owned = parent_at(dir_fd, rel)
+    try:
+        return os.open(name, flags, mode, dir_fd=dfd)
+    finally:
+        if owned:
+            os.close(dfd)
+
+
+def mkdir_at(dir_fd: int, rel: str, mode: int) -> None:
+    """``os.mkdir`` of ``rel`` beneath ``dir_fd``, whatever its length."""
+    try:
+        os.mkdir(rel, mode, dir_fd=dir_fd)
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+    dfd, name, owned = parent_at(dir_fd, rel)
+    try:
+        os.mkdir(name, mode, dir_fd=dfd)
+    finally:
+        if owned:
+            os.close(dfd)
+
+
 def proc_path(dir_fd: int, name: str) -> str:
     """A path naming ``name`` in the directory ``dir_fd``, for the calls without a
     ``dir_fd`` parameter (getxattr, setxattr, listxattr); short whatever the depth."""
