@@ -95,7 +95,8 @@ def _lookup(kind: str, ident: int) -> str | None:
 
 
 class Scanner:
-    """One scan of ``root``. ``xattrs``/``acls`` False: not even read."""
+    """One scan of ``root``. ``xattrs``/``acls`` False: not sent (an access ACL left
+    out narrows the group bits, which hold its mask)."""
 
     def __init__(self, root: str, skip: tuple[str, ...] = (), xattrs: bool = True,
                  acls: bool = True, skip_unreadable: bool = False) -> None:
@@ -185,6 +186,10 @@ class Scanner:
                 self._widen(rel, b"", "")
                 return "h"
         xattrs, acc, dflt = self._xattrs(rel, dir_fd, name, kind)
+        mode = stat.S_IMODE(st.st_mode)
+        if acc and not self.acls:  # not sent: the mask in the group bits would widen
+            mode = acl.narrow(mode, acc)
+            acc = dflt = b""
         uids, gids = {st.st_uid}, {st.st_gid}
         for value in (acc, dflt):
             if value:
@@ -193,8 +198,8 @@ class Scanner:
                 gids |= more_g
         target = os.readlink(name, dir_fd=dir_fd) if kind == "l" and name else ""
         entries.append(Entry(
-            fid, kind, rel, st.st_size if kind == "f" else 0, stat.S_IMODE(st.st_mode),
-            st.st_mtime_ns, target, kind == "f" and st.st_blocks * 512 >= st.st_size,
+            fid, kind, rel, st.st_size if kind == "f" else 0, mode, st.st_mtime_ns,
+            target, kind == "f" and st.st_blocks * 512 >= st.st_size,
             st.st_uid, st.st_gid, st.st_atime_ns, st.st_rdev if kind in ("c", "b") else 0,
             xattrs=xattrs, acl=acc, dacl=dflt, names=self.names.first(uids, gids),
             path=path, ctime_ns=st.st_ctime_ns))
@@ -210,8 +215,6 @@ class Scanner:
     def _xattrs(self, rel: str, dir_fd: int, name: str | None, kind: str
                 ) -> tuple[tuple[tuple[str, bytes], ...], bytes, bytes]:
         """(extended attributes, access ACL, default ACL) of one entry."""
-        if not (self.xattrs or self.acls):
-            return (), b"", b""
         where: str | int = dir_fd if name is None else proc_path(dir_fd, name)
         try:
             names = _listxattr(where)
@@ -225,14 +228,13 @@ class Scanner:
         acc = dflt = b""
         for key in sorted(names):
             try:
-                if key in (acl.ACCESS, acl.DEFAULT):
-                    if self.acls:
-                        value = _getxattr(where, key)
-                        acl.parse(value)
-                        if key == acl.ACCESS:
-                            acc = value
-                        elif kind == "d":
-                            dflt = value
+                if key in (acl.ACCESS, acl.DEFAULT):  # read even under --no-acls: the
+                    value = _getxattr(where, key)     # access ACL narrows the bits
+                    acl.parse(value)
+                    if key == acl.ACCESS:
+                        acc = value
+                    elif kind == "d":
+                        dflt = value
                 elif self.xattrs and key.startswith(("user.", "trusted.", "security.")):
                     out.append((key, _getxattr(where, key)))
                 elif self.xattrs:

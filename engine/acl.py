@@ -66,3 +66,11 @@ def remap(value: bytes, uid: Callable[[int], int], gid: Callable[[int], int]) ->
             ident = gid(ident)
         out.append((tag, perm, ident))
     return pack(out)
+
+
+def narrow(mode: int, access: bytes) -> int:
+    """The bits of ``mode`` without its access ACL ``access``: the group bits as the
+    owning group's entry allows (with an ACL they hold the mask, which may allow more,
+    so that dropping the ACL would widen access)."""
+    group = next((perm for tag, perm, _ in parse(access) if tag == GROUP_OBJ), 0)
+    return (mode & ~0o070) | ((group & (mode >> 3) & 7) << 3)

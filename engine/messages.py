@@ -65,7 +65,7 @@ class Init:
     agent: str = "clone-agent"
     os: str = ""
     machine: str = ""
-    xattrs: bool = True  #: send extended attributes (--no-xattrs: not even read)
+    xattrs: bool = True  #: send extended attributes (--no-xattrs)
     acls: bool = True  #: send POSIX ACLs (--no-acls)
     skip_unreadable: bool = False  #: a file the donor cannot read is reported, not fatal
 

@@ -224,12 +224,6 @@ class Applier:
                 done = self._guard(e, "acl", "POSIX ACLs not set", os.setxattr, where, key,
                                    mapped, **kw)
             if not done and key == acl.ACCESS:
-                mode = narrow(mode, value)
+                mode = acl.narrow(mode, value)
         return mode
 
-
-def narrow(mode: int, access: bytes) -> int:
-    """The bits of ``mode`` without its access ACL: the group bits as the owning
-    group's entry allows (with an ACL they hold the mask, which may allow more)."""
-    group = next((perm for tag, perm, _ in acl.parse(access) if tag == acl.GROUP_OBJ), 0)
-    return (mode & ~0o070) | ((group & (mode >> 3) & 7) << 3)

@@ -129,7 +129,7 @@ CASES = {
     "file under a link": ([_file(0, "l", 0, "l", lt=base64.b64encode(b"..").decode()),
                            _file(1, "l/evil-through-link", 4)], []),
     "duplicate name": ([_file(0, "ok", 4), _file(1, "ok", 4)], []),
-    "unknown entry type": ([_file(0, "dev", 0, "c")], []),
+    "unknown entry type": ([_file(0, "dev", 0, "D")], []),
     "too many files": (GOOD, [], {"announce_files": P.MAX_FILES + 1}),
     "more entries than announced": ([_file(0, "a", 1), _file(1, "b", 1)], [],
                                     {"announce_files": 1}),
