@@ -129,13 +129,15 @@ class Owners:
         if not (kept_u and kept_g):
             notes.group("owner", f"owner or group not kept: the recipient is not root, so "
                         f"entries belong to uid {self.euid}", e.rel)
-        lost = [bit for bit, flag, kept in (("setuid", stat.S_ISUID, kept_u),
-                                            ("setgid", stat.S_ISGID, kept_g))
+        lost = [(bit, flag) for bit, flag, kept in (("setuid", stat.S_ISUID, kept_u),
+                                                    ("setgid", stat.S_ISGID, kept_g))
                 if mode & flag and not kept]
+        for _, flag in lost:
+            mode &= ~flag
         if lost:
-            mode &= ~(stat.S_ISUID | stat.S_ISGID)
-            notes.add("mode", e.rel, f"{' and '.join(lost)} bit dropped: its "
-                      f"{'owner' if 'setuid' in lost else 'group'} ({e.uid}:{e.gid} on the "
+            bits = [bit for bit, _ in lost]
+            notes.add("mode", e.rel, f"{' and '.join(bits)} bit dropped: its "
+                      f"{'owner' if 'setuid' in bits else 'group'} ({e.uid}:{e.gid} on the "
                       "donor) could not be kept, as the recipient is not root")
         return -1, (gid if kept_g and gid not in (-1, self.egid) else -1), mode
 
