@@ -30,6 +30,7 @@ from engine.ring import RingView
 
 SEEK_THRESHOLD = 64 << 10  #: below this a segment is read whole: holes are rare and small
 FD_CACHE = 32
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
@@ -65,7 +66,7 @@ def _open_long(path: str) -> int:
     try:
         dfd, name, owned = parent_at(slash, path.lstrip("/"))
         try:
-            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            return os.open(name, READ_FLAGS, dir_fd=dfd)
         finally:
             if owned:
                 os.close(dfd)
@@ -87,8 +88,8 @@ class Reader:
         if fd is not None:
             self.fds.move_to_end(path)
             return fd
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:  # O_NONBLOCK: a FIFO put in a file's place since the scan must not hang
+            fd = os.open(path, READ_FLAGS)  # us (it reads as a change); files ignore it
         except OSError as exc:
             if exc.errno != errno.ENAMETOOLONG:
                 raise
