@@ -279,7 +279,10 @@ class Manifest:
                         os.close(fd)
         for item in dirs:
             if item.mode & 0o500 == 0o500:
-                fd = open_at(root, item.rel, DIR_FLAGS)
+                try:
+                    fd = open_at(root, item.rel, DIR_FLAGS)
+                except PermissionError:  # beneath a directory we may no longer search
+                    continue  # (not root): syncfs made it durable already
                 try:
                     os.fsync(fd)
                 finally:
