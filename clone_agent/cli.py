@@ -431,6 +431,27 @@ def _print_summary(summary: dict[str, Any]) -> None:
         if row["state"] != "Not Started":
             sys.stderr.write(f"  {row['stage']:<10} {row['state']:<11} {human(row['data']):>12}"
                              f"  {human(row['data_speed'])}/s\n")
+    if st.get("warning_count"):  # said last: what the copy does not hold
+        sys.stderr.write(f"clone {st['state']} with {st['warning_count']} warnings (see "
+                         f"above, or `clone-agent status {st['destination']} --json`)\n")
+
+
+def _fidelity(numeric_ids: bool, no_xattrs: bool, no_acls: bool, fail_on_change: bool,
+              skip_unreadable: bool) -> Any:
+    from recipient.meta import Fidelity
+
+    return Fidelity(numeric_ids=numeric_ids, xattrs=not no_xattrs, acls=not no_acls,
+                    fail_on_change=fail_on_change, skip_unreadable=skip_unreadable)
+
+
+_NUMERIC_IDS = typer.Option(False, "--numeric-ids",
+                            help="keep owners' numbers, not their names (as rsync)")
+_NO_XATTRS = typer.Option(False, "--no-xattrs", help="do not copy extended attributes")
+_NO_ACLS = typer.Option(False, "--no-acls", help="do not copy POSIX ACLs")
+_FAIL_ON_CHANGE = typer.Option(False, "--fail-on-change",
+                               help="fail if a file changes while it is read")
+_SKIP_UNREADABLE = typer.Option(False, "--skip-unreadable",
+                                help="leave out (and report) what the donor cannot read")
 
 
 @_command()
@@ -466,6 +487,11 @@ def pull(
     idle_timeout: float = typer.Option(60.0, "--idle-timeout", hidden=True,
                                        help="fail when the donor sends no block this long"),
     json_mode: bool = typer.Option(False, "--json", help="NDJSON events on stdout"),
+    numeric_ids: bool = _NUMERIC_IDS,
+    no_xattrs: bool = _NO_XATTRS,
+    no_acls: bool = _NO_ACLS,
+    fail_on_change: bool = _FAIL_ON_CHANGE,
+    skip_unreadable: bool = _SKIP_UNREADABLE,
     verbose: bool = _verbose_option(),
 ) -> None:
     """The recipient: clone the donor's data directory."""
@@ -497,7 +523,9 @@ def pull(
                                    config=config, password=password, state_dir=_state_dir(),
                                    connect_timeout=connect_timeout, should_stop=stop,
                                    emit=reporter, writers=writers, ssl=ssl, pinned=pinned,
-                                   idle_timeout=idle_timeout))
+                                   idle_timeout=idle_timeout,
+                                   keep=_fidelity(numeric_ids, no_xattrs, no_acls,
+                                                  fail_on_change, skip_unreadable)))
 
     _run_pull(make, json_mode, "the clone")
 
@@ -507,6 +535,11 @@ def clone_local(
     datadir: Path = typer.Argument(..., help="the data directory to copy"),
     data_dir: str = typer.Option(..., "--data-dir", help="the new absolute path"),
     json_mode: bool = typer.Option(False, "--json"),
+    numeric_ids: bool = _NUMERIC_IDS,
+    no_xattrs: bool = _NO_XATTRS,
+    no_acls: bool = _NO_ACLS,
+    fail_on_change: bool = _FAIL_ON_CHANGE,
+    skip_unreadable: bool = _SKIP_UNREADABLE,
     verbose: bool = _verbose_option(),
 ) -> None:
     """CLONE LOCAL DATA DIRECTORY: the same snapshot, without a network."""
@@ -532,7 +565,9 @@ def clone_local(
                                        destination=dest, config=config,
                                        state_dir=_state_dir(), url=donor.url,
                                        should_stop=stop, emit=reporter,
-                                       ssl="none"))  # a socket in a 0700 directory
+                                       ssl="none",  # a socket in a 0700 directory
+                                       keep=_fidelity(numeric_ids, no_xattrs, no_acls,
+                                                      fail_on_change, skip_unreadable)))
 
     _run_pull(make, json_mode, "the clone")
 

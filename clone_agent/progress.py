@@ -1,6 +1,7 @@
 """What the user sees while a clone runs: rich on a terminal, plain lines otherwise, or NDJSON.
 
-Events are dicts from :mod:`recipient.client` (``stage``, ``progress``, ``status``).
+Events are dicts from :mod:`recipient.client` (``stage``, ``progress``, ``status``,
+``warning``).
 With ``--json`` each is one line of JSON on stdout; otherwise stage changes and
 progress go to stderr (a live rich display when stderr is a terminal).
 """
@@ -39,7 +40,13 @@ class Reporter:
             self.out.flush()
             return
         kind = event.get("event")
-        if self.tty:
+        if kind == "warning":  # what the copy does not hold: always said, on stderr
+            line = f"warning: {event['path']}: {event['message']}"
+            if self._progress is not None:
+                self._progress.console.print(line, markup=False, highlight=False)
+            else:
+                self.err.write(line + "\n")
+        elif self.tty:
             self._rich(kind, event)
         elif kind == "stage" and event.get("state") != "In Progress":
             self.err.write(f"{event['stage']}: {event['state']}  {human(event['data'])}  "

@@ -1,79 +1,36 @@
 """What a clone sends: the manifest of a data directory and the plan of blocks.
 
-Runs in the donor's coordinator. The manifest lists directories before their
-contents (sorted, so a plan is the same for the same tree); every regular file gets
-an id. The plan cuts files into whole blocks of BLOCK_SIZE bytes; what is left (a file
-smaller than a block, the tail of a bigger one) is batched with others into one block
-(up to MAX_SEGMENTS pieces), so that a small piece never costs a block of its own.
+Runs in the donor's coordinator. The manifest is the scan's (:mod:`donor.walk`:
+directories before their contents, sorted, so a plan is the same for the same tree;
+every entry gets an id). The plan cuts files into whole blocks of BLOCK_SIZE bytes;
+what is left (a file smaller than a block, the tail of a bigger one) is batched with
+others into one block (up to MAX_SEGMENTS pieces), so that a small piece never costs a
+block of its own.
 Holes are found by the readers (SEEK_DATA), not here.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import stat
 from typing import Any
 
+from donor.reader import stamp
+from donor.walk import SKIP_PAGED, SKIP_TOP, Tree, scan
 from engine.codec import BLOCK_SIZE, MAX_SEGMENTS
 from engine.messages import Entry
 
-log = logging.getLogger("clone_agent.donor")
-
-#: Top-level folders that belong to a clone or a running server, never cloned.
-SKIP_TOP = {"#clone", "#ib_archive"}
-#: Also not copied from a page store: the redo log travels as REDO COPY's archive, and
-#: the recipient makes its own log at RECOVERY.
-SKIP_PAGED = ("#ib_redo",)
+__all__ = ["SKIP_PAGED", "SKIP_TOP", "Entry", "Tree", "plan", "scan", "stamp"]
 
 
-def scan(root: str, skip: tuple[str, ...] = ()) -> list[Entry]:
-    """Walk ``root`` (not following links): directories first, then their contents."""
-    skip_top = SKIP_TOP | set(skip)
-    entries: list[Entry] = []
-
-    def walk(abs_dir: str, rel_dir: str) -> None:
-        try:
-            with os.scandir(abs_dir) as it:
-                children = sorted(it, key=lambda e: e.name)
-        except FileNotFoundError:  # removed while we walked: a live directory
-            return
-        subdirs = []
-        for child in children:
-            if not rel_dir and child.name in skip_top:
-                continue
-            rel = f"{rel_dir}/{child.name}" if rel_dir else child.name
-            try:
-                st = child.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            mode = stat.S_IMODE(st.st_mode)
-            if stat.S_ISDIR(st.st_mode):
-                entries.append(Entry(len(entries), "d", rel, 0, mode, st.st_mtime_ns,
-                                     path=child.path))
-                subdirs.append((child.path, rel))
-            elif stat.S_ISREG(st.st_mode):
-                entries.append(
-                    Entry(len(entries), "f", rel, st.st_size, mode, st.st_mtime_ns,
-                          dense=st.st_blocks * 512 >= st.st_size, path=child.path)
-                )
-            elif stat.S_ISLNK(st.st_mode):
-                entries.append(Entry(len(entries), "l", rel, 0, mode, st.st_mtime_ns,
-                                     os.readlink(child.path), path=child.path))
-            else:
-                log.warning("skipping %s: not a file, directory or link", rel)
-        for path, rel in subdirs:
-            walk(path, rel)
-
-    walk(root, "")
-    return entries
+Segment = list[Any]  # [file_id, absolute path, offset, length, stamp]
 
 
-Segment = list[Any]  # [file_id, absolute path, offset, length]
-
-
-def plan(entries: list[Entry], block_size: int = BLOCK_SIZE) -> list[list[Segment]]:
+def plan(entries: list[Entry], block_size: int = BLOCK_SIZE, check: bool = True
+         ) -> list[list[Segment]]:
     """Cut the files into blocks; each block is a list of segments.
+
+    ``check``: each segment carries its file's :func:`stamp`, and its reader reports a
+    file that is not as the scan saw it (a plain tree); 0 (a page store, whose
+    snapshot makes its copy consistent): no check.
 
     A file's tail travels in a batch like a small file: as a block of its own, the few
     KiB that end a file just over a block would cost a whole block's round trip through
@@ -91,14 +48,15 @@ def plan(entries: list[Entry], block_size: int = BLOCK_SIZE) -> list[list[Segmen
         if e.kind != "f" or e.size == 0:
             continue
         tail = e.size % block_size
+        mark = stamp(e.size, e.mtime_ns, e.ctime_ns) if check else 0
         for off in range(0, e.size - tail, block_size):
-            whole.append([[e.id, e.path, off, block_size]])
+            whole.append([[e.id, e.path, off, block_size, mark]])
         if not tail:
             continue
         if batch and (batch_bytes + tail > block_size or len(batch) >= MAX_SEGMENTS):
             batches.append(batch)
             batch, batch_bytes = [], 0
-        batch.append([e.id, e.path, e.size - tail, tail])
+        batch.append([e.id, e.path, e.size - tail, tail, mark])
         batch_bytes += tail
     if batch:
         batches.append(batch)

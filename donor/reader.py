@@ -1,14 +1,20 @@
 """Reader processes: read a block's segments from disk straight into a ring slot.
 
 Runs in a worker process of the donor's reader :class:`~engine.stage.Pipeline`.
-A descriptor ``["read", seq, slot, segments]`` comes in; the reader finds the data in
-each segment with SEEK_DATA/SEEK_HOLE (holes are not sent, so sparse files stay
-sparse), reads it with ``preadv`` into the shared-memory slot, checksums it (xxh3) and
-answers ``[seq, slot, length, checksum, data_segments, span]`` where each data
-segment is ``[file_id, offset, length]`` and span is the file range the block covers
-(holes included: what clone_progress counts as data). A file removed or shrunk
-since the scan sends what is
-there (a live directory); the recipient sizes every file from the manifest.
+A descriptor ``["read", seq, slot, segments]`` comes in, each segment ``[file_id,
+path, offset, length, stamp]``; the reader finds the data in each segment with
+SEEK_DATA/SEEK_HOLE (holes are not sent, so sparse files stay sparse), reads it with
+``preadv`` into the shared-memory slot, checksums it (xxh3) and answers ``[seq, slot,
+length, checksum, data_segments, span, problems]`` where each data segment is
+``[file_id, offset, length]`` and span is the file range the block covers (holes
+included: what clone_progress counts as data).
+
+A file is never sent wrong in silence: after its segment is read, the file's size,
+mtime and ctime (one ``fstat``, a file's cost, not a byte's) are compared with the
+scan's (``stamp``, 0: no check, a page store); a file that changed, shrank, or was
+removed is a problem ``[file_id, "changed" | "gone", text]``, which the coordinator
+answers by sending it again. A file that cannot be opened or read is ``"unreadable"``:
+the reader reports it and goes on (the coordinator decides), never dies of it.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from collections import OrderedDict
 from typing import Any
 
 from engine.codec import checksum
+from engine.fsutil import parent_at
 from engine.ring import RingView
 
 SEEK_THRESHOLD = 64 << 10  #: below this a segment is read whole: holes are rare and small
 FD_CACHE = 32
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
@@ -45,6 +53,27 @@ def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
     return out
 
 
+def stamp(size: int, mtime_ns: int, ctime_ns: int) -> int:
+    """What a file looked like, as one number (never 0): the plan puts the scan's in
+    each segment, and the reader compares the file it has just read with it (the hash
+    of a tuple of ints is the same in every process: only strings' hashes are salted)."""
+    return hash((size, mtime_ns, ctime_ns)) or 1
+
+
+def _open_long(path: str) -> int:
+    """Open an absolute path longer than one system call takes, a piece at a time."""
+    slash = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        dfd, name, owned = parent_at(slash, path.lstrip("/"))
+        try:
+            return os.open(name, READ_FLAGS, dir_fd=dfd)
+        finally:
+            if owned:
+                os.close(dfd)
+    finally:
+        os.close(slash)
+
+
 class Reader:
     def __init__(self, index: int, args: dict[str, Any]) -> None:
         self.ring = RingView(args["ring"], args["capacity"], args["slot_size"])
@@ -59,7 +88,12 @@ class Reader:
         if fd is not None:
             self.fds.move_to_end(path)
             return fd
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:  # O_NONBLOCK: a FIFO put in a file's place since the scan must not hang
+            fd = os.open(path, READ_FLAGS)  # us (it reads as a change); files ignore it
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            fd = _open_long(path)
         self.fds[path] = fd
         if len(self.fds) > FD_CACHE:
             os.close(self.fds.popitem(last=False)[1])
@@ -78,27 +112,54 @@ class Reader:
         view = self.ring.slot(slot)
         cursor = 0
         out: list[list[int]] = []
-        for file_id, path, offset, length in segments:
+        problems: list[list[Any]] = []
+        for file_id, path, offset, length, mark in segments:
+            kept = len(out)
             try:
-                fd = self._open(path)
-            except FileNotFoundError:
-                continue  # dropped since the scan: the recipient keeps an empty file
-            runs = data_extents(fd, offset, length) if length >= SEEK_THRESHOLD else [
-                (offset, length)]
-            for start, run in runs:
-                got = 0
-                while got < run:
-                    n = os.preadv(fd, [view[cursor + got : cursor + run]], start + got)
-                    if n == 0:  # shrunk since the scan
-                        break
-                    got += n
-                if got:
-                    if self.tear and path.endswith("/" + self.tear):
-                        self._tear(view[cursor : cursor + got])
-                    out.append([file_id, start, got])
-                    cursor += got
+                cursor, problem = self._segment(view, cursor, out, file_id, path, offset,
+                                                length, mark)
+            except OSError as exc:  # the coordinator decides: fail the clone, or report
+                del out[kept:]  # what this segment read is not sent: the bytes and the
+                fd = self.fds.pop(path, None)  # segments stay in step
+                if fd is not None:
+                    os.close(fd)
+                problem = ("gone", "removed") if isinstance(exc, FileNotFoundError) else \
+                    ("unreadable", exc.strerror or str(exc))
+            if problem is not None:
+                problems.append([file_id, *problem])
         span = sum(seg[3] for seg in segments)
-        return [seq, slot, cursor, checksum(view[:cursor]), out, span]
+        return [seq, slot, cursor, checksum(view[:cursor]), out, span, problems]
+
+    def _segment(self, view: memoryview, cursor: int, out: list[list[int]], file_id: int,
+                 path: str, offset: int, length: int, mark: int
+                 ) -> tuple[int, tuple[str, str] | None]:
+        """Read one segment at ``cursor``; the new cursor, and what is wrong with the
+        file (None: it is as the scan saw it, or it is not checked)."""
+        fd = self._open(path)
+        runs = data_extents(fd, offset, length) if length >= SEEK_THRESHOLD else [
+            (offset, length)]
+        short = False
+        for start, run in runs:
+            got = 0
+            while got < run:
+                n = os.preadv(fd, [view[cursor + got : cursor + run]], start + got)
+                if n == 0:  # shrunk since the scan
+                    short = True
+                    break
+                got += n
+            if got:
+                if self.tear and path.endswith("/" + self.tear):
+                    self._tear(view[cursor : cursor + got])
+                out.append([file_id, start, got])
+                cursor += got
+        if not mark:
+            return cursor, None
+        st = os.fstat(fd)
+        if st.st_nlink == 0:
+            return cursor, ("gone", "removed while it was read")
+        if short or stamp(st.st_size, st.st_mtime_ns, st.st_ctime_ns) != mark:
+            return cursor, ("changed", "changed while it was read")
+        return cursor, None
 
     def _tear(self, data: memoryview) -> None:
         half = self.page_size // 2

@@ -437,13 +437,19 @@ class DonorServer:
             raise ProtocolError(f"unexpected command {msg.name}")
 
     def _on_read(self, reply: list[Any]) -> None:
-        (clone_id, seq), slot, length, xxh, segs, span = reply
+        (clone_id, seq), slot, length, xxh, segs, span, problems = reply
         s = self.session
         if s is None or clone_id != s.clone_id:
             assert self.ring is not None
             self.ring.release(slot)  # a read for a clone that has ended
             return
         s.block_read(ReadyBlock(seq, 0, slot, length, xxh, segs, span, 0, length))
+        if problems:
+            try:  # files that changed or could not be read (donor/reader.py)
+                s.problems(problems)
+            except CloneError as exc:
+                log.error("clone %d: %s", s.clone_id, exc.message)
+                self.end_session(exc, send_error=True)
 
     def _on_compressed(self, reply: list[Any]) -> None:
         (clone_id, seq), in_slot, out_slot, codec, wire, xxh, moved = reply

@@ -19,11 +19,13 @@ from __future__ import annotations
 import base64
 import dataclasses
 import enum
+import errno
 import hmac
 import logging
 import os
 import platform
 import secrets
+import stat
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -34,7 +36,8 @@ from donor.snapshot import Snapshot
 from engine import messages as M
 from engine import protocol as P
 from engine.codec import CODECS
-from engine.errors import CloneError, ProtocolError
+from engine.errors import CloneError, LocalIOError, ProtocolError, from_oserror
+from engine.fsutil import parent_at
 
 if TYPE_CHECKING:
     from donor.server import DonorServer
@@ -46,6 +49,12 @@ KEEPALIVE_EVERY = 5.0  #: seconds, as MySQL's donor while it waits
 #: Blocks of fresh pages the coordinator reads in one turn of the loop (PAGE COPY),
 #: so that the socket is served between them.
 PAGE_BLOCKS_A_TURN = 8
+#: FILE COPY passes over a plain tree: the first, then the files that changed while they
+#: were read, sent again while they keep changing, at most this many times in all
+#: (tar and rsync read a file once and warn; a second look costs only what changed).
+MAX_PASSES = 4
+#: Files sent again in one pass: their list travels in one STATE body.
+MAX_AGAIN = 20000
 
 
 class Phase(enum.Enum):
@@ -106,18 +115,32 @@ class Session:
             self.snapshot = Snapshot(server.store, init.ddl_timeout, server.debug_sync,
                                      server.workload_alive)
         try:
-            self.entries: list[Entry] = scan(
-                server.datadir, skip=SKIP_PAGED if self.snapshot else ())
-        except BaseException:
+            tree = scan(server.datadir, skip=SKIP_PAGED if self.snapshot else (),
+                        xattrs=init.xattrs, acls=init.acls,
+                        skip_unreadable=init.skip_unreadable)
+        except BaseException as exc:
             if self.snapshot is not None:
                 self.snapshot.end()
+            if isinstance(exc, OSError):  # any tree: never a traceback, serve goes on
+                raise from_oserror(exc, "reading the tree on the donor") from None
             raise
+        self.entries: list[Entry] = tree.entries
+        self.page_entries = tree.page_entries(P.MAX_FILES_PAGE)
+        #: warnings for the recipient, sent with FILE COPY's last COMPLETE
+        self.notes: list[M.Note] = tree.notes
+        self.skip_unreadable = init.skip_unreadable
+        #: a plain tree's files that changed while read (sent again) and that vanished
+        self.changed: set[int] = set()
+        self.gone: set[int] = set()
+        self.passes = 1
+        self.again = 0  #: files the last COMPLETE announced for another pass
         self.total_bytes = sum(e.size for e in self.entries if e.kind == "f")
         self.ready: deque[ReadyBlock] = deque()
         self.inflight: dict[int, tuple[int, int, Any]] = {}  # seq -> (ring, slot, tracker)
         self.to_compress: deque[ReadyBlock] = deque()
         self.compressing: dict[int, ReadyBlock] = {}
-        self.start_state("FILE COPY", plan(self.entries, self.block_size), "read")
+        self.start_state("FILE COPY", plan(self.entries, self.block_size,
+                                           check=self.snapshot is None), "read")
         self.last_heard = time.monotonic()
         self.last_sent = time.monotonic()
         self._rr = 0
@@ -149,16 +172,17 @@ class Session:
             server_version=AGENT_VERSION, os=platform.system(), machine=platform.machine(),
             data_dir=os.path.basename(os.path.abspath(self.server.datadir)),
             files=len(self.entries), bytes=self.total_bytes, blocks=len(self.blocks),
-            block_size=self.block_size, files_page=P.MAX_FILES_PAGE,
+            block_size=self.block_size, files_page=self.page_entries,
             paged=self.snapshot is not None,
             page_size=self.snapshot.page_size if self.snapshot else 0,
             secret=base64.b64encode(self.secret).decode())
 
     def files_page(self, page: int) -> M.FilesPage:
-        start = page * P.MAX_FILES_PAGE
-        chunk = self.entries[start : start + P.MAX_FILES_PAGE]
+        size = self.page_entries  # fewer than 2000 where names are long
+        start = page * size
+        chunk = self.entries[start : start + size]
         return M.FilesPage(page, [e.to_wire() for e in chunk],
-                           start + P.MAX_FILES_PAGE >= len(self.entries))
+                           start + size >= len(self.entries))
 
     def attach(self, ident: bytes, attach: M.Attach, encrypted: bool) -> M.Locs:
         """A stream joins, if it shows the clone's secret (compared in constant time)
@@ -197,9 +221,14 @@ class Session:
 
     def next_state(self, name: str) -> M.State:
         """Move the snapshot to ``name`` (PAGE COPY after FILE COPY, REDO COPY after
-        PAGE COPY) once the current state is wholly acknowledged."""
-        if self.busy or self.snapshot is None:
+        PAGE COPY) once the current state is wholly acknowledged; FILE COPY again after
+        FILE COPY when its COMPLETE announced files to send again."""
+        if self.busy:
             raise ProtocolError(f"{name!r} asked before {self.state} completed")
+        if name == "FILE COPY" and self.state == "FILE COPY" and self.again:
+            return self._again()
+        if self.snapshot is None:
+            raise ProtocolError(f"no state {name!r} after {self.state}")
         if name == "PAGE COPY" and self.state == "FILE COPY":
             blocks, grown = self.snapshot.page_copy(self.entries, self.block_size)
             self.start_state("PAGE COPY", blocks, "pages")
@@ -207,11 +236,90 @@ class Session:
                            sum(len(b) for b in blocks) * self.snapshot.page_size, grown)
         if name == "REDO COPY" and self.state == "PAGE COPY":
             entry, point, sizes = self.snapshot.redo_copy(len(self.entries), self.entries)
-            blocks = plan([entry], self.block_size)
+            blocks = plan([entry], self.block_size, check=False)  # the snapshot's own
             self.start_state("REDO COPY", blocks, "read")
             return M.State(self.clone_id, name, len(blocks), entry.size, sizes,
                            M.RedoFile(entry.id, entry.size), point)
         raise ProtocolError(f"no state {name!r} after {self.state}")
+
+    # -- a plain tree that changes while it is read ---------------------------------------
+    def problems(self, found: list[list[Any]]) -> None:
+        """A reader's report of files not as the scan saw them (``[file id, kind,
+        text]``): changed or removed ones are looked at again at the end of the pass;
+        an unreadable one fails the clone, naming it, unless the recipient asked to
+        skip it (then it is reported, and absent on the recipient)."""
+        for fid, kind, text in found:
+            rel = self.entries[fid].rel if 0 <= fid < len(self.entries) else "the redo archive"
+            if kind != "unreadable":
+                self.changed.add(fid)
+            elif self.skip_unreadable and self.snapshot is None and fid not in self.gone:
+                self.gone.add(fid)
+                self.changed.discard(fid)
+                self.notes.append(M.Note("unreadable", rel, f"could not be read on the "
+                                         f"donor ({text}): not copied"))
+                log.warning("%s: could not be read (%s): not copied", rel, text)
+            elif fid not in self.gone:
+                raise LocalIOError(f"cannot read '{rel}' on the donor: {text}",
+                                   hint="give the donor's user read access to it, or "
+                                   "clone with --skip-unreadable to leave it out")
+
+    def _complete(self) -> M.Complete:
+        """COMPLETE of the current state; for FILE COPY of a plain tree, with the files
+        to send again, or (the last pass) the warnings and the files that vanished."""
+        body = M.Complete(self.clone_id, self.state, self.acked)
+        if self.state != "FILE COPY" or self.snapshot is not None:
+            return body
+        self.changed -= self.gone
+        if self.changed and self.passes < MAX_PASSES:
+            self.again = len(self.changed)
+            log.info("clone %d: %d files changed while read: sending them again",
+                     self.clone_id, self.again)
+            return dataclasses.replace(body, again=self.again)
+        self.again = 0
+        for fid in sorted(self.changed):
+            entry = self._restat(fid)
+            if entry is not None:
+                self.notes.append(M.Note("changed", entry.rel, f"changed while the donor "
+                                         f"read it, {self.passes} times: the copy may not "
+                                         "match any one moment of it"))
+        self.changed.clear()
+        return dataclasses.replace(body, notes=self.notes[:M.MAX_NOTES],
+                                   more=max(0, len(self.notes) - M.MAX_NOTES),
+                                   gone=sorted(self.gone))
+
+    def _restat(self, fid: int) -> Entry | None:
+        """The file ``fid`` as it is now (None: it vanished, which is noted)."""
+        entry = self.entries[fid]
+        try:
+            st = _lstat(entry.path)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
+            self.gone.add(fid)
+            self.notes.append(M.Note("vanished", entry.rel, "removed on the donor while "
+                                     "the clone read it: not copied"))
+            return None
+        entry = dataclasses.replace(
+            entry, size=st.st_size, mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns,
+            atime_ns=st.st_atime_ns, ctime_ns=st.st_ctime_ns,
+            dense=st.st_blocks * 512 >= st.st_size)
+        self.entries[fid] = entry
+        return entry
+
+    def _again(self) -> M.State:
+        """FILE COPY once more: the files that changed, as they are now."""
+        todo = sorted(self.changed)[:MAX_AGAIN]
+        self.changed.difference_update(todo)
+        again = [e for e in map(self._restat, todo) if e is not None]
+        self.passes += 1
+        self.again = 0
+        blocks = plan(again, self.block_size)
+        self.start_state("FILE COPY", blocks, "read")
+        log.info("clone %d: FILE COPY pass %d, %d files, %d blocks", self.clone_id,
+                 self.passes, len(again), len(blocks))
+        return M.State(self.clone_id, "FILE COPY", len(blocks), sum(e.size for e in again),
+                       again=[M.Again(e.id, e.size, e.mode, e.mtime_ns, e.atime_ns or 0,
+                                      e.dense) for e in again])
 
     # -- blocks -----------------------------------------------------------------------------
     def block_read(self, block: ReadyBlock) -> None:
@@ -242,8 +350,7 @@ class Session:
             return
         if self.acked == len(self.blocks) and not self.complete_sent:
             self.complete_sent = True
-            self.server.send(self.master, P.COMPLETE,
-                             M.Complete(self.clone_id, self.state, self.acked).to_body())
+            self.server.send(self.master, P.COMPLETE, self._complete().to_body())
             self.last_sent = now
         if now - self.last_sent > KEEPALIVE_EVERY:
             self.server.send(self.master, P.KEEPALIVE, {"clone_id": self.clone_id})
@@ -341,3 +448,22 @@ class Session:
         self.ready.clear()
         self.to_compress.clear()
         return held
+
+
+def _lstat(path: str) -> os.stat_result:
+    """``os.lstat`` of an absolute path, however long."""
+    try:
+        return os.lstat(path)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+    slash = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        dfd, name, owned = parent_at(slash, path.lstrip("/"))
+        try:
+            return os.lstat(name, dir_fd=dfd)
+        finally:
+            if owned:
+                os.close(dfd)
+    finally:
+        os.close(slash)

@@ -12,7 +12,8 @@
 | protocol   | message types, framing, limits, version negotiation, locators            |
 | messages   | the body of every message: one frozen dataclass each, checked on receipt  |
 | transport  | ZeroMQ sockets and options; zmq errors translated at this edge            |
-| fsutil     | durable writes, syncfs, the checks applied to every name from the network |
+| fsutil     | durable writes, syncfs, name checks, paths of any length beneath a descriptor |
+| acl        | POSIX ACLs as Linux stores them: parsed, checked, remapped, narrowed      |
 | status     | clone_status / clone_progress, persisted under #clone/                   |
 | throttle   | bandwidth limits shared by several processes (a token bucket in shm)      |
 | pagestore/ | the emulated InnoDB-style store: pages, redo, tracking, archiving, recovery |

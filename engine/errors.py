@@ -290,6 +290,16 @@ class NoStatus(CloneError):
     default_hint = "status reads DIR/#clone/ of a clone destination"
 
 
+class SourceChanged(CloneError):
+    """--fail-on-change: a file of a plain tree changed or vanished while it was read."""
+
+    errno = 8008
+    template = "Files changed on the donor while the clone read them: %s"
+    default_hint = ("stop what writes to them during the clone, or clone without "
+                    "--fail-on-change: a changed file is then sent again, and reported "
+                    "if it keeps changing")
+
+
 #: One table from error class to exit status, so that no caller picks its own; tests pin it.
 EXIT_STATUS_TABLE: dict[type[CloneError], int] = {
     cls: cls.exit_status
@@ -301,7 +311,7 @@ EXIT_STATUS_TABLE: dict[type[CloneError], int] = {
         StageCrashed, UnknownVariable, Unexpected, AccessDenied, NoPrivilege, SslError,
         InsecureTransport,
         ChecksumMismatch, UnsafeName, NotADataDirectory, DataDirectoryLocked, VerifyFailed,
-        NoStatus,
+        NoStatus, SourceChanged,
     )
 }
 

@@ -14,9 +14,16 @@ from typing import Any
 
 from engine.errors import UnsafeName
 
-MAX_NAME = 4096  #: bytes in a relative path
+# What the recipient accepts from a donor. Linux limits a component to 255 bytes, but
+# neither the depth of a tree nor the length of a path within it (PATH_MAX only bounds
+# what one system call takes, and the clone walks long paths a piece at a time): these
+# sit far beyond real trees and only bound what one manifest entry may cost.
+MAX_NAME = 1 << 20  #: bytes in a relative path
 MAX_COMPONENT = 255  #: bytes in one path component
-MAX_DEPTH = 256  #: components in a relative path
+MAX_DEPTH = 32768  #: components in a relative path
+#: A path up to this many bytes goes to the kernel whole; a longer one is opened a
+#: piece at a time (PATH_MAX, 4096 bytes with its NUL, bounds one system call).
+PATH_PIECE = 3800
 #: Names the donor may not send at the top level: the recipient's own working folders.
 RESERVED_TOP = ("#clone", "#ib_archive")
 #: Reserved as well in a page store's clone: RECOVERY writes the redo log and the
@@ -101,6 +108,91 @@ def preallocate(fd: int, size: int) -> bool:
     if err in (errno.EOPNOTSUPP, errno.ENOSYS):
         return False
     raise OSError(err, os.strerror(err))
+
+
+def _pieces(rel: str) -> list[bytes]:
+    """``rel``'s directory part cut into relative paths of at most PATH_PIECE bytes."""
+    parts = os.fsencode(rel).split(b"/")[:-1]
+    pieces: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
+    for part in parts:
+        if current and size + 1 + len(part) > PATH_PIECE:
+            pieces.append(b"/".join(current))
+            current, size = [], -1
+        current.append(part)
+        size += 1 + len(part)
+    if current:
+        pieces.append(b"/".join(current))
+    return pieces
+
+
+def parent_at(dir_fd: int, rel: str, split: bool = False) -> tuple[int, str, bool]:
+    """Where the ``*at`` system calls find ``rel`` beneath ``dir_fd``: (a directory
+    descriptor, a name relative to it, whether the caller must close the descriptor).
+
+    A short ``rel`` is given whole to the kernel (no system call here) unless ``split``
+    asks for its last component alone (the xattr calls, which take no ``dir_fd``, name
+    it as ``/proc/self/fd/N/NAME``). A long one is opened a directory piece at a time,
+    each piece without following a link at its last component, so that path length and
+    depth are limited by the file system only."""
+    if "/" not in rel:
+        return dir_fd, rel, False
+    long = len(rel) * 4 > PATH_PIECE and len(os.fsencode(rel)) > PATH_PIECE
+    if not (split or long):
+        return dir_fd, rel, False
+    pieces = _pieces(rel) if long else [os.fsencode(rel.rpartition("/")[0])]
+    fd = dir_fd
+    try:
+        for piece in pieces:
+            nfd = os.open(piece, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=fd)
+            if fd != dir_fd:
+                os.close(fd)
+            fd = nfd
+    except BaseException:
+        if fd != dir_fd:
+            os.close(fd)
+        raise
+    return fd, rel.rpartition("/")[2], True
+
+
+def open_at(dir_fd: int, rel: str, flags: int, mode: int = 0o600) -> int:
+    """``os.open`` of ``rel`` beneath ``dir_fd``, whatever its length: one system call
+    for a path the kernel takes whole (the usual case costs nothing more)."""
+    try:
+        return os.open(rel, flags, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+    dfd, name, owned = parent_at(dir_fd, rel)
+    try:
+        return os.open(name, flags, mode, dir_fd=dfd)
+    finally:
+        if owned:
+            os.close(dfd)
+
+
+def mkdir_at(dir_fd: int, rel: str, mode: int) -> None:
+    """``os.mkdir`` of ``rel`` beneath ``dir_fd``, whatever its length."""
+    try:
+        os.mkdir(rel, mode, dir_fd=dir_fd)
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+    dfd, name, owned = parent_at(dir_fd, rel)
+    try:
+        os.mkdir(name, mode, dir_fd=dfd)
+    finally:
+        if owned:
+            os.close(dfd)
+
+
+def proc_path(dir_fd: int, name: str) -> str:
+    """A path naming ``name`` in the directory ``dir_fd``, for the calls without a
+    ``dir_fd`` parameter (getxattr, setxattr, listxattr); short whatever the depth."""
+    return f"/proc/self/fd/{dir_fd}/{name}"
 
 
 def check_relpath(name: object, reserved: tuple[str, ...] = RESERVED_TOP) -> str:

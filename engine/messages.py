@@ -14,8 +14,9 @@ from __future__ import annotations
 import base64
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
+from engine.acl import parse as parse_acl
 from engine.codec import CODECS, LEGACY_BLOCK, MAX_SEGMENTS, valid_block_size
 from engine.errors import ProtocolError, UnsafeName
 from engine.fsutil import RESERVED_TOP, check_relpath
@@ -146,12 +147,22 @@ class Init:
     agent: str = "clone-agent"
     os: str = ""
     machine: str = ""
+    xattrs: bool = True  #: send extended attributes (--no-xattrs)
+    acls: bool = True  #: send POSIX ACLs (--no-acls)
+    skip_unreadable: bool = False  #: a file the donor cannot read is reported, not fatal
 
     def to_body(self) -> dict[str, Any]:
-        return {"version": self.version, "user": self.user,
+        body = {"version": self.version, "user": self.user,
                 "agent": self.agent, "os": self.os, "machine": self.machine,
                 "streams": self.streams, "ddl_timeout": self.ddl_timeout,
                 "block_size": self.block_size, "compression": self.compression}
+        if not self.xattrs:
+            body["xattrs"] = False
+        if not self.acls:
+            body["acls"] = False
+        if self.skip_unreadable:
+            body["skip_unreadable"] = True
+        return body
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Init:
@@ -169,7 +180,9 @@ class Init:
             ddl_timeout=want(body, "ddl_timeout", int, 0, MAX_DDL_TIMEOUT)
             if "ddl_timeout" in body else 300,
             block_size=block_size, compression=compression,
-            agent=_text(body, "agent"), os=_text(body, "os"), machine=_text(body, "machine"))
+            agent=_text(body, "agent"), os=_text(body, "os"), machine=_text(body, "machine"),
+            xattrs=body.get("xattrs", True) is not False, acls=body.get("acls", True) is not False,
+            skip_unreadable=_flag(body, "skip_unreadable"))
 
 
 @dataclass(frozen=True)
@@ -259,13 +272,47 @@ class Locs:
 
 
 # -- the manifest ---------------------------------------------------------------------
-ENTRY_KINDS = ("d", "f", "l")  #: directory, regular file, symbolic link
+#: directory, regular file, symbolic link, another name of an earlier entry (a hard
+#: link), FIFO, character device, block device, socket
+ENTRY_KINDS = ("d", "f", "l", "h", "p", "c", "b", "s")
+SPECIAL_KINDS = ("p", "c", "b", "s")
+TOP = "."  #: the name of the top directory's own entry, the first of a manifest
+MAX_ID = 0xFFFFFFFE  #: a user or group id (0xFFFFFFFF means "leave it" to chown)
+MAX_XATTRS = 256  #: extended attributes of one entry
+MAX_XATTR_VALUE = 65536  #: bytes in one value (Linux's XATTR_SIZE_MAX)
+MAX_XATTR_BYTES = 1 << 20  #: bytes in all the names and values of one entry
+MAX_USER_NAME = 255
+INT64 = 1 << 63
 
 
-@dataclass(frozen=True)
+def _b64(raw: dict[str, Any], key: str, limit: int) -> bytes:
+    try:
+        value = base64.b64decode(want(raw, key, str), validate=True)
+    except ValueError:
+        raise ProtocolError(f"field '{key}' is not base64") from None
+    if len(value) > limit:
+        raise ProtocolError(f"field '{key}' of {len(value)} bytes")
+    return value
+
+
+def _enc(value: bytes) -> str:
+    return base64.b64encode(value).decode()
+
+
+@dataclass(slots=True)
 class Entry:
     """One entry of the manifest, as both sides know it: the donor makes it from a
-    scan (with ``path``, where it reads the file), the recipient from the wire."""
+    scan (with ``path``, where it reads the file, and ``ctime_ns``, to notice a change
+    while it reads), the recipient from the wire.
+
+    Never changed once made (a new one comes from ``dataclasses.replace``), but not
+    frozen: a frozen dataclass sets each of its 19 fields through ``object.__setattr__``,
+    3.4 us an entry, which made the scan of a tree of small files half as slow again.
+    Slots keep it near 200 bytes.
+
+    ``uid``/``gid`` -1 and ``atime_ns`` None: not said (the recipient leaves them).
+    ``names``: ("u" or "g", id, name) for the ids this entry mentions first (as owner
+    or in an ACL), so that the recipient maps owners by name as rsync does."""
 
     id: int
     kind: str
@@ -275,7 +322,17 @@ class Entry:
     mtime_ns: int
     target: str = ""
     dense: bool = False  #: a regular file with no holes: the recipient may preallocate
+    uid: int = -1
+    gid: int = -1
+    atime_ns: int | None = None
+    rdev: int = 0  #: a device's number ("c", "b")
+    link: int = -1  #: "h": the id of the earlier entry whose inode this name shares
+    xattrs: tuple[tuple[str, bytes], ...] = ()  #: (name, value), ACLs apart
+    acl: bytes = b""  #: system.posix_acl_access, as the kernel stores it
+    dacl: bytes = b""  #: system.posix_acl_default (a directory's)
+    names: tuple[tuple[str, int, str], ...] = ()
     path: str = ""  #: the donor's absolute path; never on the wire
+    ctime_ns: int = 0  #: the donor's; never on the wire
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "t": self.kind, "s": self.size,
@@ -286,15 +343,33 @@ class Entry:
             self.rel.encode("utf-8")
             out["p"] = self.rel
         except UnicodeEncodeError:  # a name that is not UTF-8 travels as its raw bytes
-            out["pb"] = base64.b64encode(os.fsencode(self.rel)).decode()
+            out["pb"] = _enc(os.fsencode(self.rel))
         if self.kind == "l":
-            out["lt"] = base64.b64encode(os.fsencode(self.target)).decode()
+            out["lt"] = _enc(os.fsencode(self.target))
+        if self.uid >= 0:
+            out["u"] = self.uid
+        if self.gid >= 0:
+            out["g"] = self.gid
+        if self.atime_ns is not None:
+            out["at"] = self.atime_ns
+        if self.kind in ("c", "b"):
+            out["rd"] = self.rdev
+        if self.kind == "h":
+            out["ln"] = self.link
+        if self.xattrs:
+            out["x"] = [[_enc(os.fsencode(k)), _enc(v)] for k, v in self.xattrs]
+        if self.acl:
+            out["acl"] = _enc(self.acl)
+        if self.dacl:
+            out["dacl"] = _enc(self.dacl)
+        if self.names:
+            out["nm"] = [list(n) for n in self.names]
         return out
 
     @classmethod
     def from_wire(cls, raw: Any, reserved: tuple[str, ...] = RESERVED_TOP) -> Entry:
         """Checks what one entry can say on its own (the manifest checks the rest:
-        duplicates, parents, counts). ``reserved``: top-level names refused."""
+        duplicates, parents, links, counts). ``reserved``: top-level names refused."""
         if not isinstance(raw, dict):
             raise ProtocolError("manifest entry is not an object")
         fid = want(raw, "id", int, 0, MAX_FILES)
@@ -309,7 +384,9 @@ class Entry:
                 raise UnsafeName("undecodable file name") from None
         else:
             rel = raw.get("p")
-        rel = check_relpath(rel, reserved)
+        if not (rel == TOP and kind == "d"):  # the top's own entry: the manifest checks it
+            rel = check_relpath(rel, reserved)
+        assert isinstance(rel, str)
         target = ""
         if kind == "l":
             try:
@@ -318,9 +395,60 @@ class Entry:
                 raise UnsafeName("undecodable link target") from None
             if "\x00" in target or not target or len(target) > 4096:
                 raise UnsafeName(f"bad link target for {rel!r}")
-        return cls(fid, kind, rel, want(raw, "s", int, 0, MAX_FILE_SIZE),
-                   want(raw, "m", int, 0, 0o7777), want(raw, "mt", int, -(1 << 62), 1 << 62),
-                   target, raw.get("dn") == 1)
+        acl = _b64(raw, "acl", MAX_XATTR_VALUE) if "acl" in raw else b""
+        dacl = _b64(raw, "dacl", MAX_XATTR_VALUE) if "dacl" in raw else b""
+        for value in (acl, dacl):
+            if value:
+                try:
+                    parse_acl(value)
+                except ValueError as exc:
+                    raise ProtocolError(f"{rel!r}: {exc}") from None
+        if dacl and kind != "d":
+            raise ProtocolError(f"a default ACL on {rel!r}, which is not a directory")
+        return cls(
+            fid, kind, rel, want(raw, "s", int, 0, MAX_FILE_SIZE),
+            want(raw, "m", int, 0, 0o7777), want(raw, "mt", int, -INT64, INT64 - 1),
+            target, raw.get("dn") == 1,
+            uid=want(raw, "u", int, 0, MAX_ID) if "u" in raw else -1,
+            gid=want(raw, "g", int, 0, MAX_ID) if "g" in raw else -1,
+            atime_ns=want(raw, "at", int, -INT64, INT64 - 1) if "at" in raw else None,
+            rdev=want(raw, "rd", int, 0, (1 << 64) - 1) if kind in ("c", "b") else 0,
+            link=want(raw, "ln", int, 0, MAX_FILES) if kind == "h" else -1,
+            xattrs=_xattrs(raw.get("x")) if "x" in raw else (), acl=acl, dacl=dacl,
+            names=_names(raw.get("nm")) if "nm" in raw else ())
+
+
+def _xattrs(raw: Any) -> tuple[tuple[str, bytes], ...]:
+    if not isinstance(raw, list) or len(raw) > MAX_XATTRS:
+        raise ProtocolError("extended attributes malformed or too many")
+    out = []
+    total = 0
+    for pair in raw:
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise ProtocolError("an extended attribute is not a pair")
+        name = _b64({"k": pair[0]}, "k", 255)
+        value = _b64({"v": pair[1]}, "v", MAX_XATTR_VALUE)
+        total += len(name) + len(value)
+        # A name has a namespace; ACLs travel apart (so that --no-acls can leave them).
+        if (b"\x00" in name or not name.startswith((b"user.", b"trusted.", b"security."))
+                or total > MAX_XATTR_BYTES):
+            raise ProtocolError(f"extended attribute {name[:40]!r} refused")
+        out.append((os.fsdecode(name), value))
+    return tuple(out)
+
+
+def _names(raw: Any) -> tuple[tuple[str, int, str], ...]:
+    if not isinstance(raw, list) or len(raw) > 2 + 2 * MAX_XATTRS:
+        raise ProtocolError("owner names malformed or too many")
+    out = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 3 and item[0] in ("u", "g")
+                and type(item[1]) is int and 0 <= item[1] <= MAX_ID
+                and isinstance(item[2], str) and 0 < len(item[2]) <= MAX_USER_NAME
+                and "\x00" not in item[2] and "/" not in item[2]):
+            raise ProtocolError("an owner name is malformed")
+        out.append((item[0], item[1], item[2]))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -471,16 +599,85 @@ class BlockDesc:
         return cls(seq, length, raw, comp, xxh, span, segs)
 
 
+MAX_NOTES = 1000  #: warnings listed in one COMPLETE (and in clone_status); more are counted
+
+
+@dataclass(frozen=True)
+class Note:
+    """A warning: something the clone could not reproduce, or a file that changed
+    while it was read. ``kind`` says which (docs/protocol.md lists them)."""
+
+    kind: str
+    path: str
+    message: str
+
+    def to_wire(self) -> dict[str, Any]:
+        out = {"w": self.kind, "m": self.message}
+        try:
+            self.path.encode("utf-8")
+            out["p"] = self.path
+        except UnicodeEncodeError:
+            out["pb"] = _enc(os.fsencode(self.path))
+        return out
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Note:
+        if not isinstance(raw, dict):
+            raise ProtocolError("a warning is not an object")
+        path = os.fsdecode(_b64(raw, "pb", 1 << 20)) if "pb" in raw else \
+            _text(raw, "p", limit=1 << 20)
+        return cls(_text(raw, "w", limit=32), path, _text(raw, "m", limit=4096))
+
+    def as_dict(self) -> dict[str, str]:
+        """For JSON (status, events): a name that is not UTF-8 with its odd bytes escaped."""
+        shown = self.path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return {"kind": self.kind, "path": shown, "message": self.message}
+
+
 @dataclass(frozen=True)
 class Complete:
-    """COMPLETE: every block of ``state`` is acknowledged."""
+    """COMPLETE: every block of ``state`` is acknowledged.
+
+    FILE COPY of a plain tree: ``again`` files changed while they were read and are
+    sent again (the recipient asks for the state once more); when ``again`` is 0, the
+    donor's warnings (``notes``, ``more`` beyond those listed) and the files that
+    vanished (``gone``: the recipient removes them)."""
 
     clone_id: int
     state: str = ""
     blocks: int = 0
+    again: int = 0
+    notes: list[Note] = field(default_factory=list)
+    more: int = 0
+    gone: list[int] = field(default_factory=list)
 
     def to_body(self) -> dict[str, Any]:
-        return {"clone_id": self.clone_id, "state": self.state, "blocks": self.blocks}
+        body: dict[str, Any] = {"clone_id": self.clone_id, "state": self.state,
+                                "blocks": self.blocks}
+        if self.again:
+            body["again"] = self.again
+        if self.notes or self.more:
+            body["warnings"] = [n.to_wire() for n in self.notes]
+            body["more"] = self.more
+        if self.gone:
+            body["gone"] = self.gone
+        return body
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Complete:
+        notes = body.get("warnings", [])
+        gone = body.get("gone", [])
+        if not isinstance(notes, list) or len(notes) > MAX_NOTES:
+            raise ProtocolError("COMPLETE with malformed warnings")
+        if not (isinstance(gone, list) and len(gone) <= MAX_FILES
+                and all(type(g) is int for g in gone)):
+            raise ProtocolError("COMPLETE with malformed vanished files")
+        return cls(want(body, "clone_id", int, 0) if "clone_id" in body else 0,
+                   _text(body, "state", limit=32),
+                   want(body, "blocks", int, 0, MAX_BLOCKS) if "blocks" in body else 0,
+                   want(body, "again", int, 0, MAX_FILES) if "again" in body else 0,
+                   [Note.from_wire(n) for n in notes],
+                   want(body, "more", int, 0, MAX_FILES) if "more" in body else 0, gone)
 
 
 # -- snapshot states ----------------------------------------------------------------------
@@ -568,6 +765,28 @@ class RedoFile:
     bytes: int
 
 
+class Again(NamedTuple):
+    """A file sent again (FILE COPY once more): what it is now."""
+
+    id: int
+    size: int
+    mode: int
+    mtime_ns: int
+    atime_ns: int
+    dense: bool
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Again:
+        if not (isinstance(raw, list) and len(raw) == 6 and all(type(v) in (int, bool)
+                                                                for v in raw)):
+            raise ProtocolError("a file sent again is malformed")
+        fid, size, mode, mtime, atime, dense = raw
+        if not (0 <= fid <= MAX_FILES and 0 <= size <= MAX_FILE_SIZE and 0 <= mode <= 0o7777
+                and -INT64 <= mtime < INT64 and -INT64 <= atime < INT64):
+            raise ProtocolError(f"file {fid} sent again: a value out of range")
+        return cls(fid, size, mode, mtime, atime, bool(dense))
+
+
 @dataclass(frozen=True)
 class State:
     """STATE: the donor moved the snapshot to ``state``; its blocks follow.
@@ -582,11 +801,14 @@ class State:
     sizes: dict[int, int] = field(default_factory=dict)
     redo: RedoFile | None = None
     point: ConsistentPoint | None = None
+    again: list[Again] = field(default_factory=list)
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"clone_id": self.clone_id, "state": self.state,
                                 "blocks": self.blocks, "bytes": self.bytes,
                                 "sizes": {str(k): v for k, v in self.sizes.items()}}
+        if self.again:
+            body["again"] = [list(a) for a in self.again]
         if self.redo is not None:
             body["redo"] = {"id": self.redo.id, "bytes": self.redo.bytes}
         if self.point is not None:
@@ -606,9 +828,11 @@ class State:
             redo = RedoFile(want(raw, "id", int, 0, MAX_FILES),
                             want(raw, "bytes", int, 0, MAX_FILE_SIZE))
             point = ConsistentPoint.from_body(body)
+        again = [Again.from_wire(a) for a in want(body, "again", list)] \
+            if "again" in body else []
         return cls(want(body, "clone_id", int, 0) if "clone_id" in body else 0,
                    _text(body, "state", limit=32), want(body, "blocks", int, 0, MAX_BLOCKS),
-                   want(body, "bytes", int, 0, MAX_BYTES), sizes, redo, point)
+                   want(body, "bytes", int, 0, MAX_BYTES), sizes, redo, point, again)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ NOT_STARTED, IN_PROGRESS, COMPLETED, FAILED = "Not Started", "In Progress", "Com
 STATUS_DIR = "#clone"
 STATUS_FILE = "#view_status"
 PROGRESS_FILE = "#view_progress"
+MAX_WARNINGS = 1000  #: warnings listed in clone_status (all are counted)
 
 
 def now_iso() -> str:
@@ -78,6 +79,10 @@ class CloneStatus:
     gtid_executed: str = ""
     encrypted: bool = False  #: the clone's streams and blocks were encrypted
     donor_key: str = ""  #: the donor key's fingerprint (SHA256:...), when encrypted
+    #: what the clone could not reproduce, and files that changed while read: the
+    #: first MAX_WARNINGS of them ({"kind", "path", "message"}), and how many in all
+    warnings: list[dict[str, str]] = field(default_factory=list)
+    warning_count: int = 0
 
 
 def _record_path(state_dir: str, destination: str) -> str:
@@ -158,6 +163,16 @@ class StatusBook:
         self.status.error_no = err.errno
         self.status.error_message = err.message
         self.save(force=True, durable=True)
+
+    def warn(self, warning: dict[str, str]) -> bool:
+        """Count a warning, and list it while the list is short; True when listed."""
+        st = self.status
+        st.warning_count += 1
+        if len(st.warnings) >= MAX_WARNINGS:
+            return False
+        st.warnings.append(warning)
+        self.save()
+        return True
 
     def complete(self) -> None:
         self.status.state = COMPLETED

@@ -42,6 +42,7 @@ from engine.throttle import RateLimit
 from engine.transport import probe, tcp_url, tune_allocator
 from recipient.destination import Destination, check_new_directory
 from recipient.manifest import REDO_NAME, Manifest
+from recipient.meta import Fidelity
 from recipient.transfer import (
     PREFER_SSL,
     START_STREAMS,
@@ -81,6 +82,7 @@ class PullOptions:
     pinned: bytes | None = field(default=None, repr=False)  #: the donor key (--ssl-ca)
     should_stop: Callable[[], bool] = field(default=lambda: False)
     emit: EventSink = field(default=lambda event: None)
+    keep: Fidelity = field(default_factory=Fidelity)  #: owners, xattrs, ACLs, changes
 
 
 def concurrency_plan(config: CloneConfig, block_size: int) -> tuple[int, int]:
@@ -200,7 +202,8 @@ class Pull:
                 streams=n_streams, ddl_timeout=o.config.ddl_timeout, block_size=block_size,
                 compression=o.config.compression_algorithm
                 if o.config.enable_compression else "none",
-                os=platform.system(), machine=platform.machine()))
+                os=platform.system(), machine=platform.machine(), xattrs=o.keep.xattrs,
+                acls=o.keep.acls, skip_unreadable=o.keep.skip_unreadable))
             self._security_status()
             if t.keys is not None:  # blocks are opened by the writers
                 writer_args["data_key"] = t.keys.data
@@ -218,7 +221,7 @@ class Pull:
 
             self.book.begin_stage("FILE COPY", estimate=cfg.bytes, threads=1)
             self._emit_stage("FILE COPY")
-            self.manifest = Manifest(self.dest.root, cfg.files, cfg.paged)
+            self.manifest = Manifest(self.dest.root, cfg.files, cfg.paged, o.keep, self._warn)
             stack.callback(self.manifest.close)
             # Autotuning starts with START_STREAMS and adds more while they pay (tuner.py).
             t.autotune = o.config.autotune_concurrency and n_streams > START_STREAMS
@@ -228,7 +231,7 @@ class Pull:
             self.book.stage("FILE COPY").estimate = self.manifest.total_bytes
             t.begin_state(STATE_NUMBERS["FILE COPY"], cfg.blocks)
             with EarlyFlush(self.dest.root, FLUSH_EVERY):
-                t.run("FILE COPY", cfg.blocks, ring, writers)
+                t.copy_files(cfg.blocks, ring, writers, o.keep.fail_on_change)
             self._end_copy_stage("FILE COPY")
             if cfg.paged:
                 # PAGE COPY: the pages changed since FILE COPY began, read fresh.
@@ -239,6 +242,11 @@ class Pull:
         self._file_sync()
         if self.point is not None:
             self._recover(self.point)
+        try:  # the top directory's own metadata last: RECOVERY writes beneath it
+            self.manifest.finish_top()
+        except OSError as exc:
+            raise from_oserror(exc, "FILE SYNC") from None
+        self.manifest.close()
         t.finish()
         self.dest.commit()
         return self._summary()
@@ -336,6 +344,12 @@ class Pull:
     def _emit_stage(self, stage: str) -> None:
         st = self.book.stage(stage)
         self.o.emit({"event": "stage", **st.public()})
+
+    def _warn(self, note: M.Note) -> None:
+        """Something not kept: logged in clone_status, and an event while listed."""
+        shown = note.as_dict()
+        if self.book.warn(shown):
+            self.o.emit({"event": "warning", **shown})
 
     def _emit_status(self) -> None:
         self.o.emit({"event": "status", **self.book.as_dict()["clone_status"]})

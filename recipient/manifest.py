@@ -2,21 +2,28 @@
 
 Runs in the recipient's coordinator. Nothing from the network is trusted: every
 entry is checked (:func:`engine.fsutil.check_relpath`, types, sizes, counts, a parent
-that is a directory already listed, no duplicates) before anything is created.
+that is a directory already listed, no duplicates, a hard link naming an earlier entry
+that is not a directory, the top's own entry first) before anything is created.
 Directories are created at once, private (0700), so that no later entry can be a
 link we would follow. A big file without holes (the donor says so) is created at once
 too, and preallocated: the writers' O_DIRECT writes then land in blocks it already
 owns, never extending it, so they need no allocation and no exclusive lock of the file
 (two writers in one big file then do not take turns), and a disk too small is found
 before the first block. Other files are created by the writers as data arrives;
-symbolic links, final permission bits and times are set only at FILE SYNC, after the
-last byte is written, so a link can never redirect a write.
+symbolic links, hard links, FIFOs, devices and sockets, and everything beyond the bytes
+(owners, extended attributes, ACLs, bits, times: :mod:`recipient.meta`) are made only
+at FILE SYNC, after the last byte is written, so a link can never redirect a write and
+no write clears a setuid bit or a file capability set before it. The top directory's
+own metadata comes last of all (:meth:`Manifest.finish_top`, after RECOVERY, which
+writes beneath it). What could not be kept is a warning (:class:`~recipient.meta.Notes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from engine import messages as M
@@ -27,9 +34,13 @@ from engine.fsutil import (
     RESERVED_PAGED,
     RESERVED_TOP,
     fsync_dir,
+    mkdir_at,
+    open_at,
+    parent_at,
     preallocate,
     syncfs,
 )
+from recipient.meta import Applier, Fidelity, Notes, Owners
 
 #: Where REDO COPY's archived redo lands until RECOVERY replays it (our name, never the
 #: donor's: names under #clone/ from the network are refused).
@@ -37,14 +48,18 @@ REDO_NAME = "#clone/#redo_archive"
 #: Files from this size on are preallocated when the donor says they have no holes
 #: (smaller ones come whole in one block, written once).
 PREALLOCATE_MIN = 1 << 20
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Manifest:
     """Entries by id, checked one FILES page at a time."""
 
-    def __init__(self, root: str, expected: int, paged: bool = False) -> None:
+    def __init__(self, root: str, expected: int, paged: bool = False,
+                 keep: Fidelity = Fidelity(),
+                 warn: Callable[[M.Note], None] = lambda note: None) -> None:
         """``paged``: a page store's clone, whose RECOVERY writes ``#ib_redo/``: the
-        donor may not send that name either."""
+        donor may not send that name either. ``keep``: what to keep beyond the bytes;
+        ``warn``: told of everything that could not be kept."""
         if not 0 <= expected <= P.MAX_FILES:
             raise ProtocolError(f"manifest of {expected} entries exceeds {P.MAX_FILES}")
         self.root = root
@@ -59,6 +74,12 @@ class Manifest:
         self.done: set[int] = set()
         #: files of the clone's own (the redo archive), under names we chose
         self.internal: set[int] = set()
+        self.top: M.Entry | None = None  #: the top directory's own entry
+        self.notes = Notes(warn)
+        self.owners = Owners(keep.numeric_ids)
+        self.apply = Applier(self.owners, keep, self.notes)
+        #: entries that were not made (a device as another user, a vanished file)
+        self.missing: set[int] = set()
 
     def add_page(self, page: M.FilesPage) -> bool:
         for raw in page.entries:
@@ -71,18 +92,28 @@ class Manifest:
         rel = entry.rel
         if entry.id in self.items or rel in self.names:
             raise UnsafeName(f"file {rel!r} listed twice")
-        parent = rel.rpartition("/")[0]
-        if parent and parent not in self.dirs:
-            raise UnsafeName(f"{rel!r} is not inside a directory listed before it")
+        if rel == M.TOP:
+            if self.items:
+                raise UnsafeName("the top directory's entry is not the first")
+            self.top = entry
+        else:
+            parent = rel.rpartition("/")[0]
+            if parent and parent not in self.dirs:
+                raise UnsafeName(f"{rel!r} is not inside a directory listed before it")
+        if entry.kind == "h":
+            first = self.items.get(entry.link)
+            if first is None or first.kind in ("d", "h"):
+                raise UnsafeName(f"{rel!r} is a link to an entry that is not an earlier file")
+        self.owners.learn(entry.names)
         self.items[entry.id] = entry
         self.names.add(rel)
-        if entry.kind == "d":
+        if entry.kind == "d" and entry is not self.top:
             self.dirs.add(rel)
-            os.mkdir(rel, 0o700, dir_fd=self._root_fd())
+            mkdir_at(self._root_fd(), rel, 0o700)
         elif entry.kind == "f":
             self.total_bytes += entry.size
             if self.can_preallocate and entry.size >= PREALLOCATE_MIN and entry.dense:
-                fd = os.open(rel, OPEN_FLAGS, 0o600, dir_fd=self._root_fd())
+                fd = open_at(self._root_fd(), rel, OPEN_FLAGS, 0o600)
                 try:
                     self.can_preallocate = preallocate(fd, entry.size)
                 finally:
@@ -126,45 +157,143 @@ class Manifest:
             raise ProtocolError(f"data for {fid!r}, which is not a file of the manifest")
         return item
 
+    def finishing(self, item: M.Entry) -> tuple[int, int, int, int] | None:
+        """(bits, uid, gid, atime) for a writer that finishes ``item`` (it came whole in
+        one block); None when FILE SYNC must (extended attributes or an ACL)."""
+        if item.xattrs or item.acl or item.id in self.internal:
+            return None
+        uid, gid, mode = self.owners.decide(item, self.notes)
+        self.done.add(item.id)
+        return mode, uid, gid, Applier.times(item)[0]
+
+    # -- a plain tree that changed while the donor read it -----------------------------
+    def again(self, rows: list[M.Again]) -> None:
+        """Files the donor sends again, as they are now: emptied, to be written anew."""
+        for row in rows:
+            item = self.items.get(row.id)
+            if item is None or item.kind != "f" or row.id in self.internal:
+                raise ProtocolError(f"file {row.id} sent again, which is not a file")
+            self.total_bytes += row.size - item.size
+            self.items[row.id] = dataclasses.replace(
+                item, size=row.size, mode=row.mode, mtime_ns=row.mtime_ns,
+                atime_ns=row.atime_ns, dense=row.dense)
+            self.done.discard(row.id)
+            with self._at(item.rel) as (dfd, name):
+                try:
+                    fd = os.open(name, OPEN_FLAGS | os.O_TRUNC, 0o600, dir_fd=dfd)
+                except PermissionError:  # a writer gave it its bits: not writable by us
+                    os.chmod(name, 0o600, dir_fd=dfd)
+                    fd = os.open(name, OPEN_FLAGS | os.O_TRUNC, 0o600, dir_fd=dfd)
+                os.close(fd)
+
+    def drop(self, gone: list[int]) -> None:
+        """Files that vanished on the donor: absent here too, never a file of zeros."""
+        for fid in gone:
+            item = self.items.get(fid)
+            if item is None or item.kind != "f" or fid in self.internal:
+                raise ProtocolError(f"file {fid!r} said to be gone, which is not a file")
+            with self._at(item.rel) as (dfd, name):
+                try:
+                    os.unlink(name, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass
+            del self.items[fid]
+            self.names.discard(item.rel)
+            self.total_bytes -= item.size
+            self.done.discard(fid)
+            self.missing.add(fid)
+
+    # -- FILE SYNC --------------------------------------------------------------------
+    @contextmanager
+    def _at(self, rel: str, split: bool = False) -> Iterator[tuple[int, str]]:
+        """``rel``'s directory descriptor and name, for the ``*at`` calls (any length)."""
+        dfd, name, owned = parent_at(self._root_fd(), rel, split)
+        try:
+            yield dfd, name
+        finally:
+            if owned:
+                os.close(dfd)
+
     def finalize(self) -> None:
-        """FILE SYNC: sizes, links, permission bits and times; then make it all durable."""
-        root = self._root_fd()
+        """FILE SYNC: sizes, links, special files, owners, attributes, bits and times;
+        then make it all durable. The top directory's own come with :meth:`finish_top`."""
         dirs = []
         for item in self.items.values():
-            if item.id in self.done:
-                continue
-            if item.kind == "f":
-                fd = os.open(item.rel, OPEN_FLAGS, 0o600, dir_fd=root)
-                try:
-                    if os.fstat(fd).st_size != item.size:
-                        os.ftruncate(fd, item.size)  # empty files and trailing holes
-                    if item.id not in self.internal:
-                        os.fchmod(fd, item.mode)
-                        os.utime(fd, ns=(item.mtime_ns, item.mtime_ns))
-                finally:
-                    os.close(fd)
-            elif item.kind == "l":
-                os.symlink(item.target, item.rel, dir_fd=root)
-                os.utime(item.rel, ns=(item.mtime_ns, item.mtime_ns), dir_fd=root,
-                         follow_symlinks=False)
-            else:
-                dirs.append(item)
+            if item.kind == "d":
+                if item is not self.top:
+                    dirs.append(item)
+            elif item.id not in self.done:
+                self._finish(item)
         for item in sorted(dirs, key=lambda d: d.rel.count("/"), reverse=True):
-            os.chmod(item.rel, item.mode, dir_fd=root, follow_symlinks=False)
-            os.utime(item.rel, ns=(item.mtime_ns, item.mtime_ns), dir_fd=root,
-                     follow_symlinks=False)
+            fd = open_at(self._root_fd(), item.rel, DIR_FLAGS)
+            try:
+                self.apply.on_fd(fd, item)
+            finally:
+                os.close(fd)
+        self._sync(dirs)
+
+    def _finish(self, item: M.Entry) -> None:
+        if item.kind == "f":
+            fd = open_at(self._root_fd(), item.rel, OPEN_FLAGS, 0o600)
+            try:
+                if os.fstat(fd).st_size != item.size:
+                    os.ftruncate(fd, item.size)  # empty files and trailing holes
+                if item.id not in self.internal:
+                    self.apply.on_fd(fd, item)
+            finally:
+                os.close(fd)
+            return
+        with self._at(item.rel, split=True) as (dfd, name):
+            if item.kind == "l":
+                os.symlink(item.target, name, dir_fd=dfd)
+            elif item.kind == "h":
+                self._link(item, dfd, name)
+                return
+            elif not self.apply.special(dfd, name, item):
+                self.missing.add(item.id)
+                return
+            self.apply.at(dfd, name, item)
+
+    def _link(self, item: M.Entry, dfd: int, name: str) -> None:
+        """Another name of an earlier entry's inode (made, owned, stamped already)."""
+        first = self.items.get(item.link)
+        if first is None or item.link in self.missing:
+            self.missing.add(item.id)
+            self.notes.add("link", item.rel, "hard link not made: the entry it is another "
+                           "name of was not copied")
+            return
+        with self._at(first.rel, split=True) as (sfd, sname):
+            os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+
+    def _sync(self, dirs: list[M.Entry]) -> None:
+        root = self._root_fd()
         try:
             syncfs(self.root)
         except OSError:  # not Linux, or refused: one fsync a file instead
             for item in self.items.values():
                 if item.kind == "f":
-                    fd = os.open(item.rel, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=root)
+                    fd = open_at(root, item.rel, os.O_RDONLY | os.O_NOFOLLOW)
                     try:
                         os.fsync(fd)
                     finally:
                         os.close(fd)
         for item in dirs:
             if item.mode & 0o500 == 0o500:
-                fsync_dir(os.path.join(self.root, item.rel))
+                try:
+                    fd = open_at(root, item.rel, DIR_FLAGS)
+                except PermissionError:  # beneath a directory we may no longer search
+                    continue  # (not root): syncfs made it durable already
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         fsync_dir(self.root)
         fsync_dir(os.path.dirname(self.root))
+
+    def finish_top(self) -> None:
+        """The top directory's owner, attributes, bits and times (last: RECOVERY writes
+        beneath it), made durable; then the warnings counted along the way."""
+        if self.top is not None:
+            self.apply.on_fd(self._root_fd(), self.top)
+            os.fsync(self._root_fd())
+        self.notes.flush()

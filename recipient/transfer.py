@@ -39,6 +39,7 @@ from engine.errors import (
     NoPrivilege,
     ProtocolError,
     QueryInterrupted,
+    SourceChanged,
     SslError,
     StageCrashed,
     TooManyClones,
@@ -144,6 +145,8 @@ class Transfer:
         #: answers ([seq, slot]) taken before :meth:`_written`: the coordinator's own,
         #: and the writers' read while looking for a writer's "ready"
         self.answers: list[list[int]] = []
+        #: the last COMPLETE: files to send again, the donor's warnings
+        self.completed = M.Complete(0)
 
     # -- the wire ---------------------------------------------------------------------
     @property
@@ -382,6 +385,42 @@ class Transfer:
             self.send(i, P.EXECUTE, M.Execute(self.clone_id, "data", credit=0))
         log.debug("autotune: %d streams", count)
 
+    # -- FILE COPY of a tree that changes -------------------------------------------------
+    def copy_files(self, total_blocks: int, ring: Ring, writers: Pipeline,
+                   fail_on_change: bool = False) -> None:
+        """FILE COPY: its blocks; then, while the donor says files changed as it read
+        them, FILE COPY again for those (the counters go on: one stage); then the
+        donor's warnings go to the manifest's, and files that vanished are removed.
+        ``fail_on_change``: a file that changed or vanished is an error (8008)."""
+        assert self.manifest is not None
+        self.run("FILE COPY", total_blocks, ring, writers)
+        while self.completed.again:
+            state = self.next_state("FILE COPY")
+            if fail_on_change:
+                raise SourceChanged(self._names(a.id for a in state.again))
+            self.manifest.again(state.again)
+            self.seen.clear()
+            self.blocks_done = 0
+            self.written = P.Locator(self.clone_id, "", self.written.state if self.written
+                                     else 1, state.blocks)
+            self.run("FILE COPY", state.blocks, ring, writers)
+        final = self.completed
+        changed = [n for n in final.notes if n.kind in ("changed", "vanished")]
+        if fail_on_change and (changed or final.gone):
+            raise SourceChanged(", ".join(repr(n.path) for n in changed[:5]) or
+                                self._names(final.gone))
+        self.manifest.drop(final.gone)
+        for note in final.notes:
+            self.manifest.notes.add(note.kind, note.path, note.message)
+        if final.more:
+            self.manifest.notes.add("more", "", f"{final.more} more warnings from the "
+                                    "donor, not listed")
+
+    def _names(self, ids: Any) -> str:
+        assert self.manifest is not None
+        rels = [self.manifest.items[i].rel for i in ids if i in self.manifest.items]
+        return ", ".join(repr(r) for r in rels[:5]) + (" ..." if len(rels) > 5 else "")
+
     # -- blocks ---------------------------------------------------------------------------
     def begin_state(self, state: int, total_blocks: int) -> None:
         """Counters and the record of written blocks start again for a new state."""
@@ -449,6 +488,7 @@ class Transfer:
             if msg.kind == P.DATA_DESC:
                 self._on_block(i, msg, ring, writers, origin, total)
             elif msg.kind == P.COMPLETE:
+                self.completed = M.Complete.from_body(msg.body)
                 complete = True
             elif msg.kind != P.KEEPALIVE:
                 raise ProtocolError(f"unexpected {msg.name} during {stage}")
@@ -479,11 +519,14 @@ class Transfer:
             item = self.manifest.file(fid)
             if off + size > item.size:
                 raise ProtocolError(f"block {desc.seq} writes outside {item.rel!r}")
-            if off == 0 and size == item.size and not self.paged:
-                # The whole file in one segment: its writer finishes it (mode, times).
-                # Not in a page store's clone: PAGE COPY may write its pages again.
-                out.append(Piece(item.rel, off, size, item.mode, item.mtime_ns))
-                self.manifest.done.add(fid)
+            finish = self.manifest.finishing(item) \
+                if off == 0 and size == item.size and not self.paged else None
+            if finish is not None:
+                # The whole file in one segment: its writer finishes it (owner, bits,
+                # times). Not in a page store's clone: PAGE COPY may write its pages
+                # again; nor a file with attributes or an ACL: FILE SYNC sets those.
+                mode, uid, gid, atime = finish
+                out.append(Piece(item.rel, off, size, mode, item.mtime_ns, uid, gid, atime))
             else:
                 out.append(Piece(item.rel, off, size))
         return out

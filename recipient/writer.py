@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 from engine.codec import Decompressor, checksum
 from engine.errors import ChecksumMismatch, ProtocolError, from_oserror
-from engine.fsutil import OPEN_FLAGS
+from engine.fsutil import OPEN_FLAGS, open_at
 from engine.ring import RingView
 from engine.throttle import RateLimit
 
@@ -44,13 +44,17 @@ ALIGN = 4096  #: O_DIRECT alignment of memory, file offset and length (one page)
 
 class Piece(NamedTuple):
     """``size`` bytes of ``rel`` at ``offset``; ``mode`` >= 0: the whole file, which the
-    writer finishes (permission bits, ``mtime_ns``)."""
+    writer finishes: owner (``uid``, ``gid``; -1 leaves one as created), permission
+    bits, then times (chown first: it clears setuid and setgid bits)."""
 
     rel: str
     offset: int
     size: int
     mode: int = -1
     mtime_ns: int = 0
+    uid: int = -1
+    gid: int = -1
+    atime_ns: int = 0
 
 
 class WriteOrder(NamedTuple):
@@ -70,7 +74,7 @@ class WriteOrder(NamedTuple):
     def to_wire(self) -> list[Any]:
         """A list marshal can carry (it refuses named tuples)."""
         return ["write", self.seq, self.slot, self.length, self.xxh, self.comp, self.raw,
-                [list(p) for p in self.pieces], self.aad]
+                [list(p) if p.mode >= 0 else list(p[:3]) for p in self.pieces], self.aad]
 
     @classmethod
     def from_wire(cls, msg: list[Any]) -> WriteOrder:
@@ -118,10 +122,10 @@ class Writer:
             cache.move_to_end(rel)
             return fd
         if direct:  # the file exists: its buffered descriptor created it
-            fd = os.open(rel, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_DIRECT,
-                         dir_fd=self.root)
+            fd = open_at(self.root, rel, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC |
+                         os.O_DIRECT)
         else:
-            fd = os.open(rel, OPEN_FLAGS, 0o600, dir_fd=self.root)
+            fd = open_at(self.root, rel, OPEN_FLAGS, 0o600)
         cache[rel] = fd
         if len(cache) > FD_CACHE:
             os.close(cache.popitem(last=False)[1])
@@ -150,13 +154,16 @@ class Writer:
         while done < size:
             done += os.pwrite(fd, part[done:], offset + done)
 
-    def _complete(self, rel: str, mode: int, mtime_ns: int) -> None:
-        """A whole file came in this block: its permission bits and times now, its
+    def _complete(self, piece: Piece) -> None:
+        """A whole file came in this block: its owner, bits and times now, its
         descriptors closed (FILE SYNC leaves it alone; its data is flushed there)."""
+        rel = piece.rel
         fd = self.fds.pop(rel)
         try:
-            os.fchmod(fd, mode)
-            os.utime(fd, ns=(mtime_ns, mtime_ns))
+            if piece.uid != -1 or piece.gid != -1:
+                os.fchown(fd, piece.uid, piece.gid)
+            os.fchmod(fd, piece.mode)
+            os.utime(fd, ns=(piece.atime_ns, piece.mtime_ns))
         finally:
             os.close(fd)
         direct = self.direct_fds.pop(rel, None)
@@ -197,7 +204,7 @@ class Writer:
                 self._write(piece.rel, data[cursor : cursor + piece.size], piece.offset,
                             cursor % ALIGN == 0)
                 if piece.mode >= 0:
-                    self._complete(piece.rel, piece.mode, piece.mtime_ns)
+                    self._complete(piece)
             except OSError as exc:
                 raise from_oserror(exc, f"writing '{piece.rel}'") from None
             cursor += piece.size

@@ -32,7 +32,10 @@ def run_cli(*args: str, timeout: float = 120, input: str | None = None,
 class Donor:
     """``clone-agent serve`` in a subprocess; waits for its ``ready`` line (bounded)."""
 
-    def __init__(self, datadir: Path | str, *extra: str, timeout: float = 60) -> None:
+    def __init__(self, datadir: Path | str, *extra: str, timeout: float = 60,
+                 prefix: tuple[str, ...] = ()) -> None:
+        """``prefix``: a command the donor runs under (e.g. setpriv, as another user)."""
+        self.prefix = prefix
         self.port = free_port()
         self.datadir = str(datadir)
         self.extra = extra
@@ -46,7 +49,7 @@ class Donor:
 
     def __enter__(self) -> Donor:
         self.proc = subprocess.Popen(
-            [*CLI, "serve", self.datadir, "--bind", self.address,
+            [*self.prefix, *CLI, "serve", self.datadir, "--bind", self.address,
              *([] if "--users" in self.extra else ["--allow-anonymous"]), *self.extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         assert self.proc.stdout is not None
@@ -142,6 +145,69 @@ def describe(root: Path) -> dict[str, Any]:
 
 def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
+
+
+def describe_faithful(root: Path) -> dict[str, Any]:
+    """Everything cp -a and rsync -aHAX keep, by relative path ("." the top, its
+    #clone/ left out): type, bits, owner, group, size, a digest of the bytes, mtime,
+    atime (not a symbolic link's: reading it moves it), a device's number, a link's
+    target, every extended attribute (ACLs included), and for an inode of several
+    names the first of them. Walks with directory descriptors (any depth or path
+    length) and reads with O_NOATIME, so that describing a tree does not change it."""
+    import hashlib
+
+    out: dict[str, Any] = {}
+    first: dict[tuple[int, int], str] = {}
+
+    def entry(rel: str, st: os.stat_result, dfd: int, name: str | None) -> None:
+        where: Any = dfd if name is None else f"/proc/self/fd/{dfd}/{name}"
+        kind = stat.S_IFMT(st.st_mode)
+        item: dict[str, Any] = {"type": kind, "mode": stat.S_IMODE(st.st_mode),
+                                "uid": st.st_uid, "gid": st.st_gid,
+                                "mtime_ns": st.st_mtime_ns}
+        if kind != stat.S_IFLNK:
+            item["atime_ns"] = st.st_atime_ns
+        if kind != stat.S_IFDIR and st.st_nlink > 1:
+            item["inode"] = first.setdefault((st.st_dev, st.st_ino), rel)
+        if kind == stat.S_IFREG:
+            assert name is not None
+            fd = os.open(name, os.O_RDONLY | os.O_NOATIME | os.O_NOFOLLOW, dir_fd=dfd)
+            with os.fdopen(fd, "rb") as f:
+                item["sha"] = hashlib.sha256(f.read()).hexdigest()
+            item["size"] = st.st_size
+        elif kind == stat.S_IFLNK:
+            item["target"] = os.readlink(name or ".", dir_fd=dfd)
+        elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+            item["rdev"] = st.st_rdev
+        kw: dict[str, Any] = {} if name is None else {"follow_symlinks": False}
+        item["xattrs"] = {k: os.getxattr(where, k, **kw)
+                          for k in sorted(os.listxattr(where, **kw))}
+        out[rel] = item
+
+    def walk(dfd: int, rel_dir: str) -> None:
+        with os.scandir(dfd) as it:
+            names = sorted(e.name for e in it)
+        for name in names:
+            if not rel_dir and name == "#clone":
+                continue
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            entry(rel, st, dfd, name)
+            if stat.S_ISDIR(st.st_mode):
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW |
+                              os.O_NOATIME, dir_fd=dfd)
+                try:
+                    walk(sub, rel)
+                finally:
+                    os.close(sub)
+
+    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOATIME)
+    try:
+        entry(".", os.fstat(top), top, None)
+        walk(top, "")
+    finally:
+        os.close(top)
+    return out
 
 
 def plain_peer(ctx: Any, address: str) -> Any:

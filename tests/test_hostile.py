@@ -13,10 +13,20 @@ from typing import Any
 import pytest
 import zmq
 
+from engine import acl
 from engine import messages as M
 from engine import protocol as P
 from engine.codec import checksum
 from tests.helpers import free_port, run_cli
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+#: a well-formed access ACL (owner rw, group r, other nothing)
+ACL = acl.pack([(acl.USER_OBJ, 6, acl.UNDEFINED_ID), (acl.GROUP_OBJ, 4, acl.UNDEFINED_ID),
+                (acl.OTHER, 0, acl.UNDEFINED_ID)])
 
 
 def _file(fid: int, path: str, size: int, kind: str = "f", **extra: Any) -> dict[str, Any]:
@@ -30,6 +40,7 @@ class FakeDonor(threading.Thread):
                  announce_files: int | None = None, extra_blocks: int = 0,
                  block_size: int = 1 << 20, files_page: int = 0,
                  states: dict[str, tuple[dict[str, Any], list[tuple[dict, bytes]]]] | None = None,
+                 complete: dict[str, Any] | None = None,
                  keepalive_only: bool = False) -> None:
         """``states``: a page store's clone, by state name (PAGE COPY, REDO COPY): the
         STATE body's extra fields and the blocks that follow it, each state ended by
@@ -37,6 +48,7 @@ class FakeDonor(threading.Thread):
         super().__init__(daemon=True)
         self.states = states
         self.keepalive_only = keepalive_only  #: after the manifest, keep-alives forever
+        self.complete = complete  # FILE COPY's COMPLETE, with these fields, after its blocks
         self.port = free_port()
         self.entries = entries
         self.blocks = blocks
@@ -92,8 +104,9 @@ class FakeDonor(threading.Thread):
                     extra = [self.blocks[-1]] * self.extra_blocks if self.extra_blocks else []
                     for desc, data in self.blocks + extra:
                         sock.send_multipart([ident, *P.response(P.DATA_DESC, desc, data)])
-                    if self.states is not None:
-                        self._complete(sock, ident, "FILE COPY", len(self.blocks))
+                    if self.states is not None or self.complete is not None:
+                        self._complete(sock, ident, "FILE COPY", len(self.blocks),
+                                       self.complete)
                 elif msg.kind == P.EXECUTE and msg.body["what"] == "state" and self.states:
                     name = msg.body["state"]
                     extra_body, blocks = self.states[name]
@@ -109,8 +122,9 @@ class FakeDonor(threading.Thread):
 
 
     @staticmethod
-    def _complete(sock: zmq.Socket[Any], ident: bytes, state: str, blocks: int) -> None:
-        body = M.Complete(1, state, blocks).to_body()
+    def _complete(sock: zmq.Socket[Any], ident: bytes, state: str, blocks: int,
+                  extra: dict[str, Any] | None = None) -> None:
+        body = {**M.Complete(1, state, blocks).to_body(), **(extra or {})}
         sock.send_multipart([ident, *P.response(P.COMPLETE, body)])
 
 
@@ -141,7 +155,7 @@ CASES = {
     "file under a link": ([_file(0, "l", 0, "l", lt=base64.b64encode(b"..").decode()),
                            _file(1, "l/evil-through-link", 4)], []),
     "duplicate name": ([_file(0, "ok", 4), _file(1, "ok", 4)], []),
-    "unknown entry type": ([_file(0, "dev", 0, "c")], []),
+    "unknown entry type": ([_file(0, "dev", 0, "D")], []),
     "too many files": (GOOD, [], {"announce_files": P.MAX_FILES + 1}),
     "more entries than announced": ([_file(0, "a", 1), _file(1, "b", 1)], [],
                                     {"announce_files": 1}),
@@ -162,6 +176,29 @@ CASES = {
                             {"files_page": 2}),
     "more blocks than credit": ([_file(0, "ok", 4)], [_block(0, [[0, 0, 4]], b"abcd")],
                                 {"extra_blocks": 40}),
+    # the faithful copy's fields: links, the top, owners, attributes, times, changes
+    "hard link to a later entry": ([_file(0, "a", 0, "h", ln=1), _file(1, "b", 4)], []),
+    "hard link to a directory": ([_file(0, "d", 0, "d"), _file(1, "x", 0, "h", ln=0)], []),
+    "hard link to nothing": ([_file(0, "x", 0, "h")], []),
+    "the top's entry not first": ([_file(0, "a", 4), _file(1, ".", 0, "d")], []),
+    "the top as a file": ([_file(0, ".", 4)], []),
+    "an attribute outside the namespaces": (
+        [_file(0, "a", 4, x=[[_b64(b"system.evil"), _b64(b"x")]])], []),
+    "an attribute that is not base64": ([_file(0, "a", 4, x=[["user.a", "%%"]])], []),
+    "an ACL that is not one": ([_file(0, "a", 4, acl=_b64(b"\x01\x00\x00\x00"))], []),
+    "a default ACL on a file": ([_file(0, "a", 4, dacl=_b64(ACL))], []),
+    "an mtime past int64": ([_file(0, "a", 4, mt=1 << 63)], []),
+    "an owner past 32 bits": ([_file(0, "a", 4, u=1 << 32)], []),
+    "two names for one user": ([_file(0, "a", 4, nm=[["u", 5, "alice"]]),
+                                _file(1, "b", 4, nm=[["u", 5, "mallory"]])], []),
+    "a user name with a slash": ([_file(0, "a", 4, nm=[["u", 5, "../x"]])], []),
+    "a device without its number": ([_file(0, "dev", 0, "c")], []),
+    "a vanished directory": ([_file(0, "d", 0, "d")], [], {"complete": {"gone": [0]}}),
+    "a vanished unknown file": (GOOD, [], {"complete": {"gone": [9]}}),
+    "a file sent again that is a directory": (
+        [_file(0, "d", 0, "d")], [],
+        {"complete": {"again": 1},
+         "states": {"FILE COPY": ({"again": [[0, 4, 0o644, 0, 0, 0]]}, [])}}),
 }
 
 

@@ -27,7 +27,7 @@ def _donor_tree(root: Path) -> None:
 def test_big_dense_files_are_preallocated_before_any_data(tmp_path: Path) -> None:
     src = tmp_path / "src"
     _donor_tree(src)
-    entries = scan(str(src))
+    entries = scan(str(src)).entries
     wire = {e.rel: e.to_wire() for e in entries}
     assert wire["dense.ibd"].get("dn") == 1 and wire["small.frm"].get("dn") == 1
     assert "dn" not in wire["holes.ibd"]  # a file with holes stays sparse on the recipient

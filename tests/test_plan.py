@@ -19,13 +19,13 @@ def _tree(root: Path) -> None:
 
 def test_every_byte_of_every_file_is_planned_once(tmp_path: Path) -> None:
     _tree(tmp_path)
-    entries = scan(str(tmp_path))
+    entries = scan(str(tmp_path)).entries
     blocks = plan(entries)
     covered: dict[int, list[tuple[int, int]]] = {}
     for block in blocks:
         assert 0 < sum(seg[3] for seg in block) <= BLOCK_SIZE
         assert len(block) <= MAX_SEGMENTS
-        for fid, _path, off, size in block:
+        for fid, _path, off, size, _stamp in block:
             covered.setdefault(fid, []).append((off, size))
     for e in entries:
         if e.kind != "f" or e.size == 0:
@@ -38,7 +38,7 @@ def test_every_byte_of_every_file_is_planned_once(tmp_path: Path) -> None:
 
 def test_small_file_batches_are_spread_among_big_blocks(tmp_path: Path) -> None:
     _tree(tmp_path)
-    blocks = plan(scan(str(tmp_path)))
+    blocks = plan(scan(str(tmp_path)).entries)
     kinds = ["big" if len(b) == 1 and b[0][3] == BLOCK_SIZE else "batch" for b in blocks]
     assert kinds.count("batch") >= 3 and kinds.count("big") == 3
     # not all batches at the end: a big block comes after the first batch
@@ -53,7 +53,7 @@ def test_a_big_files_tail_travels_in_a_batch(tmp_path: Path) -> None:
     """The 5 bytes after big/a.ibd's three whole blocks go with the small files, not
     in a block of their own."""
     _tree(tmp_path)
-    blocks = plan(scan(str(tmp_path)))
+    blocks = plan(scan(str(tmp_path)).entries)
     pieces = [(b, seg) for b in blocks for seg in b if seg[1].endswith("a.ibd")]
     assert sorted((seg[2], seg[3]) for _, seg in pieces) == [
         (0, BLOCK_SIZE), (BLOCK_SIZE, BLOCK_SIZE), (2 * BLOCK_SIZE, BLOCK_SIZE),
