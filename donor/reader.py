@@ -25,7 +25,7 @@ from collections import OrderedDict
 from typing import Any
 
 from engine.codec import checksum
-from engine.fsutil import parent_at
+from engine.fsutil import PATH_PIECE, parent_at
 from engine.ring import RingView
 
 SEEK_THRESHOLD = 64 << 10  #: below this a segment is read whole: holes are rare and small
@@ -78,6 +78,11 @@ class Reader:
     def __init__(self, index: int, args: dict[str, Any]) -> None:
         self.ring = RingView(args["ring"], args["capacity"], args["slot_size"])
         self.fds: OrderedDict[str, int] = OrderedDict()
+        #: the served directory: files under it are opened beneath it, one directory at
+        #: a time with O_NOFOLLOW, so that a directory swapped for a link after the scan
+        #: cannot lead a read outside it (the cache: rel dir -> descriptor)
+        self.root: str = args.get("root") or ""
+        self.dirs: OrderedDict[str, int] = OrderedDict()
         # Fault point (tests): tear the pages of this file as a read racing a page
         # write would, keeping the first half of each page and zeroing the rest.
         self.tear = (args.get("faults") or {}).get("tear_pages_of")
@@ -88,21 +93,48 @@ class Reader:
         if fd is not None:
             self.fds.move_to_end(path)
             return fd
-        try:  # O_NONBLOCK: a FIFO put in a file's place since the scan must not hang
-            fd = os.open(path, READ_FLAGS)  # us (it reads as a change); files ignore it
-        except OSError as exc:
-            if exc.errno != errno.ENAMETOOLONG:
-                raise
-            fd = _open_long(path)
+        rel = path[len(self.root) + 1:] if self.root and \
+            path.startswith(self.root + "/") else ""
+        if rel and len(rel) < PATH_PIECE:
+            parent, _, name = rel.rpartition("/")
+            # O_NONBLOCK: a FIFO put in a file's place since the scan must not hang us
+            # (it reads as a change); regular files ignore it
+            fd = os.open(name, READ_FLAGS, dir_fd=self._dir(parent))
+        else:
+            try:
+                fd = os.open(path, READ_FLAGS)
+            except OSError as exc:
+                if exc.errno != errno.ENAMETOOLONG:
+                    raise
+                fd = _open_long(path)
         self.fds[path] = fd
         if len(self.fds) > FD_CACHE:
             os.close(self.fds.popitem(last=False)[1])
         return fd
 
+    def _dir(self, rel: str) -> int:
+        """A descriptor of the directory ``rel`` under the root, reached without
+        following a link at any step (cached; the root is "")."""
+        fd = self.dirs.get(rel)
+        if fd is not None:
+            self.dirs.move_to_end(rel)
+            return fd
+        if rel:
+            parent, _, name = rel.rpartition("/")
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=self._dir(parent))
+        else:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dirs[rel] = fd
+        if len(self.dirs) > FD_CACHE:
+            os.close(self.dirs.popitem(last=False)[1])
+        return fd
+
     def _drop_fds(self) -> None:
-        for fd in self.fds.values():
+        for fd in [*self.fds.values(), *self.dirs.values()]:
             os.close(fd)
         self.fds.clear()
+        self.dirs.clear()
 
     def handle(self, msg: list[Any]) -> Any:
         if msg[0] == "reset":  # a clone ended: files may be replaced before the next

@@ -222,7 +222,7 @@ class DonorServer:
         self.readers = self._pool(
             "reader", "donor.reader:Reader",
             {"ring": self.ring.name, "capacity": self.ring.capacity,
-             "slot_size": self.ring.slot_size, "faults": self.faults})
+             "slot_size": self.ring.slot_size, "faults": self.faults, "root": self.datadir})
 
     def _restart_readers(self) -> None:
         assert self.readers is not None

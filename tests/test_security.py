@@ -349,3 +349,39 @@ def test_a_relay_in_the_middle_cannot_complete_an_authenticated_clone(tmp_path: 
     assert "FILES" not in impostor.relayed and "DATA_DESC" not in impostor.relayed
     assert not dest.exists()
     assert "failed authentication for user 'alice'" in donor.stderr
+
+
+def test_a_directory_swapped_for_a_link_is_not_followed(tmp_path: Path) -> None:
+    """The donor reads beneath its directory: a directory replaced by a link to
+    somewhere else after the scan fails the clone, and nothing from outside arrives."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(os.urandom(6 << 20))
+    (src / "z").write_bytes(os.urandom(6 << 20))  # read first: the swap happens meanwhile
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f").write_bytes(MARKER * (6 << 20 // len(MARKER)))
+    os.chmod(outside / "f", 0o600)
+    dest = tmp_path / "dest"
+    with Donor(src) as donor:
+        pull = subprocess.Popen([*CLI, "pull", f"u@{donor.address}", "--data-dir", str(dest),
+                                 "--max-data-bandwidth", "2", "--max-concurrency", "1",
+                                 "--require-no-ssl"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 30
+            while not (dest / "#clone").exists() and time.monotonic() < deadline:
+                time.sleep(0.02)  # until the clone runs (the scan is done), bounded
+            os.rename(src / "d", tmp_path / "d-away")
+            os.symlink(outside, src / "d")
+            _, err = pull.communicate(timeout=120)
+        finally:
+            if pull.poll() is None:
+                pull.kill()
+                pull.communicate(timeout=30)
+    # "z" (6 MiB at 2 MiB/s) goes first: "d/f" is read well after the swap
+    assert pull.returncode == 1, err
+    assert "cannot read 'd/f' on the donor" in err, err
+    assert "Traceback" not in err
+    assert not dest.exists()
