@@ -385,3 +385,52 @@ def test_a_directory_swapped_for_a_link_is_not_followed(tmp_path: Path) -> None:
     assert "cannot read 'd/f' on the donor" in err, err
     assert "Traceback" not in err
     assert not dest.exists()
+
+
+def test_idle_connections_and_a_huge_frame_do_not_hold_the_donor(tmp_path: Path) -> None:
+    """300 connections that finish their handshake and then say nothing, and one frame
+    far over the limit: the donor's memory stays bounded, it keeps at most its cap of
+    waiting connections, and a real clone succeeds beside them."""
+    src = _source(tmp_path)
+    ctx: zmq.Context[Any] = zmq.Context()
+    socks = []
+    try:
+        with Donor(src) as donor:
+            assert donor.proc is not None
+            before = _peak_rss(donor.proc.pid)
+            for _ in range(300):
+                sock = ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(f"tcp://{donor.address}")
+                hello = crypto.Initiator()
+                sock.send_multipart(P.command(P.HELLO, M.Hello(
+                    P.PROTOCOL_VERSION, crypto.b64(hello.hello)).to_body()))
+                socks.append(sock)
+            for sock in socks:
+                assert sock.poll(10000)
+                assert P.decode(sock.recv_multipart(), P.RESP).kind == P.HELLO_REPLY
+            huge = ctx.socket(zmq.DEALER)
+            huge.setsockopt(zmq.LINGER, 0)
+            huge.connect(f"tcp://{donor.address}")
+            socks.append(huge)
+            huge.send_multipart([b"CA\x02\x00\x01\x00\x00\x00", bytes(64 << 20)])
+            # Refused as it arrives (ZMQ_MAXMSGSIZE): its connection is dropped, so no
+            # answer comes; a donor that took it whole would answer ERROR 3863.
+            assert not huge.poll(3000), "the donor read a 64 MiB frame"
+            peak = _peak_rss(donor.proc.pid) - before
+            res = _pull(donor.address, tmp_path / "dest", "--require-ssl")
+        assert res.returncode == 0, res.stderr
+        assert peak < 32 << 20, f"the donor's peak memory grew by {peak >> 20} MiB"
+    finally:
+        for sock in socks:
+            sock.close()
+        ctx.term()
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
