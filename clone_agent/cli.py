@@ -52,9 +52,10 @@ def _state_dir() -> str:
 
 
 def _fail(err: CloneError, json_mode: bool = False) -> NoReturn:
-    sys.stderr.write(err.line() + "\n")
-    if err.hint:
-        sys.stderr.write(f"hint: {err.hint}\n")
+    for one in err.each():  # a preflight reports several problems, each with its hint
+        sys.stderr.write(one.line() + "\n")
+        if one.hint:
+            sys.stderr.write(f"hint: {one.hint}\n")
     sys.stderr.flush()
     if json_mode:
         sys.stdout.write(orjson.dumps(err.to_dict()).decode() + "\n")
@@ -285,6 +286,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         if row["state"] != "Not Started":
             sys.stderr.write(f"  {row['stage']:<10} {row['state']:<11} {human(row['data']):>12}"
                              f"  {human(row['data_speed'])}/s\n")
+    if "replace" in summary:
+        sys.stderr.write(summary["replace"]["message"] + "\n")
 
 
 @app.command()
@@ -293,7 +296,11 @@ def pull(
     data_dir: Optional[str] = typer.Option(None, "--data-dir",
                                            help="clone into this new absolute path"),
     replace: Optional[str] = typer.Option(None, "--replace",
-                                          help="replace this data directory in place"),
+                                          help="replace this existing data directory in "
+                                          "place; the old data stays until the clone is whole"),
+    keep_old: Optional[str] = typer.Option(None, "--keep-old", help="with --replace: move "
+                                           "the old data to this new absolute path (same "
+                                           "file system) instead of removing it"),
     password_stdin: bool = typer.Option(False, "--password-stdin"),
     config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file of clone_*"),
     max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency"),
@@ -315,6 +322,8 @@ def pull(
     writers: int = typer.Option(2, "--writers", min=1, max=32, hidden=True,
                                 help="writer processes (ours, not MySQL's)"),
     json_mode: bool = typer.Option(False, "--json", help="NDJSON events on stdout"),
+    fault: Optional[str] = typer.Option(None, "--fault", hidden=True,
+                                        help="kill_at=POINT: SIGKILL itself there (tests)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """The recipient: clone the donor's data directory."""
@@ -331,23 +340,26 @@ def pull(
         user, host, port = _parse_source(source)
         if (data_dir is None) == (replace is None):
             raise UsageError("give exactly one of --data-dir DIR and --replace DATADIR")
-        if replace is not None:
-            raise UsageError("--replace is not available in this build",
-                             hint="clone into a new directory with --data-dir")
+        if keep_old is not None and replace is None:
+            raise UsageError("--keep-old goes with --replace DATADIR")
+        faults = _pairs(fault, str)
         if require_ssl:
             raise UsageError("REQUIRE SSL: this build has no TLS transport yet",
                              hint="use --require-no-ssl, or a trusted network")
         password = _password(password_stdin)
-        assert data_dir is not None
+        destination = replace if replace is not None else data_dir
+        assert destination is not None
 
     from recipient.client import PullOptions
     from recipient.client import pull as do_pull
 
     def make(reporter: Any, stop: Callable[[], bool]) -> Any:
-        return do_pull(PullOptions(user=user, host=host, port=port, destination=data_dir,
+        return do_pull(PullOptions(user=user, host=host, port=port, destination=destination,
                                    config=config, password=password, state_dir=_state_dir(),
                                    connect_timeout=connect_timeout, should_stop=stop,
-                                   emit=reporter, writers=writers))
+                                   emit=reporter, writers=writers,
+                                   replace=replace is not None, keep_old=keep_old,
+                                   faults=faults))
 
     _run_pull(make, json_mode, "the clone")
 
@@ -390,7 +402,12 @@ def clone_local(
 def _status_view(dest: str) -> dict[str, Any]:
     from engine.ring import _alive
     from engine.status import FAILED, IN_PROGRESS, read_status
+    from engine.swap import settle
 
+    try:
+        settle(dest, strict=False)  # a replace a crash interrupted: finished or undone first
+    except OSError as exc:
+        log.warning("could not settle an interrupted replace of %s: %s", dest, exc)
     data = read_status(dest, _state_dir())
     st = data["clone_status"]
     if st.get("state") == IN_PROGRESS and st.get("pid") and not _alive(int(st["pid"])):

@@ -24,12 +24,14 @@ from typing import Any
 
 import zmq
 
+from donor.control import ServeControl
 from donor.session import ReadyBlock, Session
 from engine import messages as M
 from engine import protocol as P
 from engine.codec import MAX_BLOCK
 from engine.errors import (
     CloneError,
+    CloneInProgress,
     NotADataDirectory,
     ProtocolError,
     QueryInterrupted,
@@ -99,6 +101,9 @@ class DonorServer:
         self.out_ring: Ring | None = None
         self.compressors: Pipeline | None = None
         self.poller = zmq.Poller()
+        #: the local control channel (a `pull --replace` of this directory: RESTART)
+        self.control: ServeControl | None = None
+        self.released = False  #: the directory is let go for a replace
 
     # -- lifetime -------------------------------------------------------------------
     def serve(self, should_stop: Callable[[], bool],
@@ -109,15 +114,12 @@ class DonorServer:
         tune_allocator()
         calm_gc()
         with ExitStack() as stack:
+            # First: an interrupted replace settled, and the directory held (shared).
+            self.control = stack.enter_context(ServeControl(self, self.datadir))
             self.ctx = zmq.Context(io_threads=2)
             stack.callback(self._term_context)
-            if is_paged(self.datadir):
-                self.store = PageStore(self.datadir)
-                stack.callback(self._close_store)
-                self._start_workload()
-            elif self.workload_rate is not None:
-                raise NotADataDirectory(self.datadir, hint="--workload needs a data directory "
-                                        "made by `clone-agent init`")
+            stack.callback(self._close_store)
+            self._open_store()
             # Slots as large as the largest block a recipient may ask for; a clone of
             # smaller blocks touches (and so costs) only the head of each.
             self.ring = stack.enter_context(Ring(self.slots, MAX_BLOCK))
@@ -125,6 +127,8 @@ class DonorServer:
             self.sock, self.port = router(self.ctx, self.host, self.port, self.url)
             stack.callback(self.sock.close, 0)
             self._start_readers()
+            if self.url is None:  # clone-local's donor is its command line's alone
+                self.control.listen(f"{self.host}:{self.port}", self.poller)
             on_ready(self.host, self.port)
             try:
                 self._loop(should_stop)
@@ -136,6 +140,37 @@ class DonorServer:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
+
+    def _open_store(self) -> None:
+        if is_paged(self.datadir):
+            self.store = PageStore(self.datadir)
+            self._workload_stop.clear()
+            self._start_workload()
+        elif self.workload_rate is not None:
+            raise NotADataDirectory(self.datadir, hint="--workload needs a data directory "
+                                    "made by `clone-agent init`")
+
+    # -- RESTART: asked by donor/control.py for a `pull --replace` of this directory ------
+    def describe(self) -> dict[str, Any]:
+        return {"paged": self.store is not None, "workload": self.workload_rate,
+                "last_txn": self.store.last_txn if self.store is not None else None}
+
+    def release_datadir(self) -> dict[str, Any]:
+        """Let go of the directory: the clone being served ends (1317, as when the donor
+        stops), the workload stops, the store closes cleanly. INIT is refused (3874)
+        until :meth:`reopen_datadir`."""
+        self.end_session(QueryInterrupted(), send_error=True)
+        last_txn = self.store.last_txn if self.store is not None else None
+        self._close_store()
+        self.released = True
+        return {"last_txn": last_txn}
+
+    def reopen_datadir(self) -> dict[str, Any]:
+        """Serve the directory again, as at start: its store, and its workload, which
+        goes on from the store's last transaction + 1."""
+        self._open_store()
+        self.released = False
+        return self.describe()
 
     def _close_store(self) -> None:
         self._stop_workload()
@@ -264,6 +299,8 @@ class DonorServer:
             ready = dict(self.poller.poll(wait_ms))
             if self.sock in ready:
                 self._receive()
+            if self.control is not None:
+                self.control.handle(ready)
             self._pool_events()
             self._pump()
             if self.report is not None and self.store is not None and \
@@ -325,6 +362,9 @@ class DonorServer:
                 self.end_session(exc, send_error=True)
 
     def _on_init(self, ident: bytes, init: M.Init) -> None:
+        if self.released:  # being replaced: back on the new data soon
+            raise CloneInProgress(hint="the donor's data directory is being replaced; "
+                                  "try again when it serves again")
         s = self.session
         if s is not None:
             if time.monotonic() - s.last_heard < self.idle_timeout:
