@@ -119,7 +119,7 @@ class StatusBook:
         st._t0 = time.monotonic()
         st._sample = (st._t0, 0, 0)
         self.save(force=True)
-        if self.on_begin is not None:
+        if self.on_begin is not None and name not in self._borrowed:
             self.on_begin(name)
         return st
 
