@@ -192,7 +192,8 @@ def serve(
         help="POINT=N,...: pause at clone_file_copy / clone_page_copy / clone_redo_copy "
              "until the workload commits N more transactions (tests)"),
     fault: Optional[str] = typer.Option(None, "--fault", hidden=True,
-                                        help="tear_pages_of=REL (tests: torn page reads)"),
+                                        help="tear_pages_of=REL (tests: torn page reads), "
+                                        "die_at_reopen=1 (tests: RESTART fails)"),
     idle_timeout: float = typer.Option(60.0, "--idle-timeout", hidden=True,
                                        help="drop a clone whose recipient is silent this long"),
     report_tps: bool = typer.Option(False, "--report-tps", hidden=True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -168,6 +169,8 @@ class DonorServer:
     def reopen_datadir(self) -> dict[str, Any]:
         """Serve the directory again, as at start: its store, and its workload, which
         goes on from the store's last transaction + 1."""
+        if self.faults.get("die_at_reopen"):  # tests: a server that crashes coming back
+            os.kill(os.getpid(), signal.SIGKILL)
         self._open_store()
         self.released = False
         return self.describe()

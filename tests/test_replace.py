@@ -451,3 +451,26 @@ def test_one_replace_at_a_time_and_status_throughout(tmp_path: Path) -> None:
     st = json.loads(run_cli("status", str(data), "--json").stdout)
     assert st["clone_status"]["state"] == "Completed"
     assert describe(data) == describe(src)
+
+
+def test_a_server_that_does_not_come_back_is_3707_with_the_clone_in_place(
+        templates: Path, tmp_path: Path) -> None:
+    data = _copy(templates / "old", tmp_path / "data")
+    with Donor(templates / "donor") as donor, \
+            Donor(data, "--fault", "die_at_reopen=1") as owner:
+        res = run_cli("pull", f"u@{donor.address}", "--replace", str(data))
+        assert owner.proc is not None and owner.proc.wait(timeout=30) == -signal.SIGKILL
+    deadline = time.monotonic() + 15
+    while any(n.startswith(f"clone-agent-{owner.proc.pid}-") for n in os.listdir("/dev/shm")):
+        sweep_stale()  # the dead server's ring and control endpoint
+        assert time.monotonic() < deadline
+        time.sleep(0.05)  # its readers end on their own first
+    assert res.returncode == 1 and _errors(res.stderr) == [3707], res.stderr
+    assert f"ERROR 3707 (HY000): Restart server failed (the server of {data}" in res.stderr
+    assert "hint: the clone is in place and whole" in res.stderr
+    st = json.loads(run_cli("status", str(data), "--json").stdout)
+    rows = {r["stage"]: r["state"] for r in st["clone_progress"]}
+    assert st["clone_status"]["state"] == "Completed" and st["clone_status"]["error_no"] == 3707
+    assert rows["RESTART"] == "Failed" and rows["DROP DATA"] == "Completed"
+    assert data_view(data) == data_view(templates / "donor") and leftovers(data) == []
+    assert verify(data)["ok"]
