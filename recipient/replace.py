@@ -64,6 +64,7 @@ from engine.pagestore import REDO_DIR, is_paged
 from engine.status import COMPLETED, FAILED, StatusBook
 from engine.swap import (
     LIVE_HINT,
+    SWAPPED,
     DirLock,
     PullLock,
     Swap,
@@ -336,7 +337,12 @@ class ReplaceDestination:
         if self.control is not None:
             self.book.begin_stage("RESTART", threads=1)
             self._emit_stage("RESTART")
-            self.restart["before"] = self.control.call("release", self.restart_timeout)
+            try:
+                self.restart["before"] = self.control.call("release", self.restart_timeout)
+            except RestartFailed as exc:
+                raise RestartFailed(exc.args_[0] if exc.args_ else exc.message, hint=(
+                    "nothing was swapped: the old data is untouched; if its server is "
+                    "gone, start it again")) from exc
             self.released = True
             self.kill.reached("released")
             if not self.lock.wait_exclusive(self.restart_timeout):
@@ -405,6 +411,12 @@ class ReplaceDestination:
         if self.swap is not None and self.swap.started:
             try:
                 journal = read_journal(paths)
+                if journal is not None and journal["state"] == SWAPPED:
+                    # Interrupted right at its commit point: the clone is in place.
+                    finish(paths, journal)
+                    self.book.complete()
+                    self._close()
+                    return
                 if journal is not None:
                     rollback(paths, journal)
             except (OSError, CloneError) as exc:
