@@ -407,7 +407,7 @@ def _status_view(dest: str) -> dict[str, Any]:
 
     try:
         settle(dest, strict=False)  # a replace a crash interrupted: finished or undone first
-    except OSError as exc:
+    except (OSError, CloneError) as exc:  # the status is worth showing all the same
         log.warning("could not settle an interrupted replace of %s: %s", dest, exc)
     data = read_status(dest, _state_dir())
     st = data["clone_status"]

@@ -57,7 +57,7 @@ from typing import Any
 
 import orjson
 
-from engine.errors import CloneInProgress, LocalIOError
+from engine.errors import CloneInProgress, LocalIOError, from_oserror
 from engine.faults import NEVER, KillPoints
 from engine.fsutil import fsync_dir, remove_tree, write_durable
 from engine.status import STATUS_DIR, note_settled
@@ -436,8 +436,13 @@ def _undo(paths: SwapPaths, journal: dict[str, Any], strict: bool,
 def open_shared(datadir: str) -> DirLock:
     """What an owner does before it opens a data directory: settle, then hold it shared
     (released by ``close()``). Raises :class:`CloneInProgress` while a pull swaps it."""
-    settle(datadir, strict=True)
-    lock = DirLock(datadir)
+    try:
+        settle(datadir, strict=True)
+        lock = DirLock(datadir)
+    except (FileNotFoundError, NotADirectoryError):
+        raise  # no directory: each caller has its own words for that
+    except OSError as exc:
+        raise from_oserror(exc, f"opening {datadir}") from None
     if not lock.try_shared():
         lock.close()
         raise CloneInProgress(hint=LIVE_HINT)

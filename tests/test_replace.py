@@ -430,7 +430,7 @@ def test_one_replace_at_a_time_and_status_throughout(tmp_path: Path) -> None:
     (data / "g").write_bytes(b"old")
     with Donor(src) as donor:
         first = subprocess.Popen([*CLI, "pull", f"u@{donor.address}", "--replace", str(data),
-                                  "--max-data-bandwidth", "2"], cwd=ROOT,
+                                  "--max-data-bandwidth", "1"], cwd=ROOT,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         while not (data / "#clone" / "#new" / "f").exists():
