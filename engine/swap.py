@@ -69,6 +69,8 @@ OLD_DIR = "#old"
 JOURNAL = "#swap"
 PULL_LOCK = "#pull.lock"
 SWAPPING, SWAPPED = "swapping", "swapped"
+_MEDDLED = ("nothing was changed; look at DATADIR/#clone/ (#swap says which names were "
+            "the old tree's and which the clone's) and put them right by hand")
 LIVE_HINT = ("a `pull --replace` is replacing this data directory: wait for it to end "
              "(`clone-agent status DATADIR` shows it)")
 
@@ -260,22 +262,36 @@ class Swap:
         self.kill.reached("swapped")
 
 
-def rollback(paths: SwapPaths, journal: dict[str, Any]) -> None:
+def rollback(paths: SwapPaths, journal: dict[str, Any], kill: KillPoints = NEVER) -> None:
     """Undo an uncommitted swap: the old tree back in DATADIR, the clone back in
-    ``#new/`` (then removed), the journal removed. Idempotent."""
+    ``#new/`` (then removed), the journal removed. Idempotent; it refuses, rather than
+    guesses, where the state is not one a swap can leave (someone moved things)."""
     root = paths.root
+    if not os.path.isdir(paths.new):  # a swap never removes it before its commit point
+        raise LocalIOError(f"the replace journal {paths.journal} says 'swapping' but "
+                           f"{paths.new} is gone", hint=_MEDDLED)
     for name in reversed(journal["new"]):
         if not os.path.lexists(os.path.join(paths.new, name)) and \
                 os.path.lexists(os.path.join(root, name)):
             os.rename(os.path.join(root, name), os.path.join(paths.new, name))
     for name in reversed(journal["old"]):
         if os.path.lexists(os.path.join(paths.old, name)):
+            if os.path.lexists(os.path.join(root, name)):  # rename would replace it
+                raise LocalIOError(f"{name} is both in {paths.root} and in {paths.old}",
+                                   hint=_MEDDLED)
             os.rename(os.path.join(paths.old, name), os.path.join(root, name))
     fsync_dir(root)
+    kill.reached("undone")
     _apply_meta(root, journal["old_meta"])
-    for path in (paths.new, paths.old):
-        _remove_quietly(path)
+    # #old/ is empty now; then the journal, then the copy: a crash between two of these
+    # leaves a state that settles again (an empty #old/ with its journal, or a copy
+    # without a journal, which is removed), never old data in #old/ without a journal.
+    try:
+        os.rmdir(paths.old)  # rmdir, not a tree removal: never old data
+    except FileNotFoundError:
+        pass
     _unlink_journal(paths)
+    _remove_quietly(paths.new)
 
 
 def finish(paths: SwapPaths, journal: dict[str, Any],

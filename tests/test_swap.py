@@ -9,6 +9,7 @@ kill -9 there leaves (tests/test_replace.py kills real pulls)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from engine.swap import (
     finish,
     open_shared,
     read_journal,
+    rollback,
     settle,
     top_names,
     tree_bytes,
@@ -230,3 +232,30 @@ def test_a_plain_directory_settles_in_no_time(tmp_path: Path) -> None:
     assert settle(str(tmp_path)) is None
     assert settle(str(tmp_path / "missing"), strict=False) is None
     assert not (tmp_path / "#clone").exists()
+
+
+def test_an_undo_that_was_itself_interrupted_settles_again(tmp_path: Path) -> None:
+    """A crash during the rollback, once the entries are back but before the journal is
+    removed: the next settle finds nothing to move, and ends it."""
+    d, old, _ = _trees(tmp_path)
+    _crash_swap(d, "rename:6")
+    paths = SwapPaths(str(d))
+    with pytest.raises(Crash):
+        rollback(paths, read_journal(paths) or {}, CrashAt("undone"))
+    assert describe(d) == old and read_journal(paths) is not None
+    assert settle(str(d)) == "rolled back"
+    assert describe(d) == old and not Path(paths.new).exists()
+    assert not Path(paths.journal).exists() and not Path(paths.old).exists()
+
+
+def test_an_undo_refuses_a_state_no_swap_leaves(tmp_path: Path) -> None:
+    d, _, _ = _trees(tmp_path)
+    _crash_swap(d, "rename:2")
+    paths = SwapPaths(str(d))
+    (d / "link_old").write_bytes(b"someone put this here")  # also in #old/ now
+    with pytest.raises(LocalIOError, match="both in"):
+        settle(str(d))
+    assert (Path(paths.old) / "link_old").is_symlink()  # nothing overwritten
+    shutil.rmtree(paths.new)
+    with pytest.raises(LocalIOError, match="is gone"):
+        settle(str(d))
