@@ -66,9 +66,10 @@ def _state_dir() -> str:
 
 
 def _fail(err: CloneError, json_mode: bool = False) -> NoReturn:
-    sys.stderr.write(err.line() + "\n")
-    if err.hint:
-        sys.stderr.write(f"hint: {err.hint}\n")
+    for one in err.each():  # a preflight reports several problems, each with its hint
+        sys.stderr.write(one.line() + "\n")
+        if one.hint:
+            sys.stderr.write(f"hint: {one.hint}\n")
     sys.stderr.flush()
     if json_mode:
         sys.stdout.write(orjson.dumps(err.to_dict()).decode() + "\n")
@@ -296,7 +297,8 @@ def serve(
         help="POINT=N,...: pause at clone_file_copy / clone_page_copy / clone_redo_copy "
              "until the workload commits N more transactions (tests)"),
     fault: Optional[str] = typer.Option(None, "--fault", hidden=True,
-                                        help="tear_pages_of=REL (tests: torn page reads)"),
+                                        help="tear_pages_of=REL (tests: torn page reads), "
+                                        "die_at_reopen=1 (tests: RESTART fails)"),
     idle_timeout: float = typer.Option(60.0, "--idle-timeout", hidden=True,
                                        help="drop a clone whose recipient is silent this long"),
     report_tps: bool = typer.Option(False, "--report-tps", hidden=True,
@@ -431,6 +433,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         if row["state"] != "Not Started":
             sys.stderr.write(f"  {row['stage']:<10} {row['state']:<11} {human(row['data']):>12}"
                              f"  {human(row['data_speed'])}/s\n")
+    if "replace" in summary:
+        sys.stderr.write(summary["replace"]["message"] + "\n")
     if st.get("warning_count"):  # said last: what the copy does not hold
         sys.stderr.write(f"clone {st['state']} with {st['warning_count']} warnings (see "
                          f"above, or `clone-agent status {st['destination']} --json`)\n")
@@ -457,8 +461,15 @@ _SKIP_UNREADABLE = typer.Option(False, "--skip-unreadable",
 @_command()
 def pull(
     source: str = typer.Argument(..., help="USER@HOST:PORT of the donor"),
-    data_dir: str = typer.Option(..., "--data-dir",
-                                 help="clone into this new absolute path (must not exist)"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir",
+                                           help="clone into this new absolute path "
+                                           "(must not exist)"),
+    replace: Optional[str] = typer.Option(None, "--replace",
+                                          help="replace this existing data directory in "
+                                          "place; the old data stays until the clone is whole"),
+    keep_old: Optional[str] = typer.Option(None, "--keep-old", help="with --replace: move "
+                                           "the old data to this new absolute path (same "
+                                           "file system) instead of removing it"),
     password_stdin: bool = typer.Option(False, "--password-stdin",
                                         help="read the password as one line of stdin "
                                         "(else CLONE_AGENT_PASSWORD)"),
@@ -492,6 +503,8 @@ def pull(
     no_acls: bool = _NO_ACLS,
     fail_on_change: bool = _FAIL_ON_CHANGE,
     skip_unreadable: bool = _SKIP_UNREADABLE,
+    fault: Optional[str] = typer.Option(None, "--fault", hidden=True,
+                                        help="kill_at=POINT: SIGKILL itself there (tests)"),
     verbose: bool = _verbose_option(),
 ) -> None:
     """The recipient: clone the donor's data directory."""
@@ -505,6 +518,13 @@ def pull(
         password = _password(password_stdin)
         config = load_config(flags, os.environ, config_file)
         user, host, port = _parse_source(source)
+        if (data_dir is None) == (replace is None):
+            raise UsageError("give exactly one of --data-dir DIR and --replace DATADIR")
+        if keep_old is not None and replace is None:
+            raise UsageError("--keep-old goes with --replace DATADIR")
+        faults = _pairs(fault, str)
+        destination = replace if replace is not None else data_dir
+        assert destination is not None
         ssl = "prefer" if require_ssl is None else "require" if require_ssl else "none"
         pinned = None
         if ssl_ca is not None:
@@ -519,13 +539,15 @@ def pull(
     from recipient.client import pull as do_pull
 
     def make(reporter: Any, stop: Callable[[], bool]) -> Any:
-        return do_pull(PullOptions(user=user, host=host, port=port, destination=data_dir,
+        return do_pull(PullOptions(user=user, host=host, port=port, destination=destination,
                                    config=config, password=password, state_dir=_state_dir(),
                                    connect_timeout=connect_timeout, should_stop=stop,
                                    emit=reporter, writers=writers, ssl=ssl, pinned=pinned,
                                    idle_timeout=idle_timeout,
                                    keep=_fidelity(numeric_ids, no_xattrs, no_acls,
-                                                  fail_on_change, skip_unreadable)))
+                                                  fail_on_change, skip_unreadable),
+                                   replace=replace is not None, keep_old=keep_old,
+                                   faults=faults))
 
     _run_pull(make, json_mode, "the clone")
 
@@ -576,7 +598,12 @@ def clone_local(
 def _status_view(dest: str) -> dict[str, Any]:
     from engine.ring import _alive
     from engine.status import FAILED, IN_PROGRESS, read_status
+    from engine.swap import settle
 
+    try:
+        settle(dest, strict=False)  # a replace a crash interrupted: finished or undone first
+    except (OSError, CloneError) as exc:  # the status is worth showing all the same
+        log.warning("could not settle an interrupted replace of %s: %s", dest, exc)
     data = read_status(dest, _state_dir())
     st = data["clone_status"]
     if st.get("state") == IN_PROGRESS and st.get("pid") and not _alive(int(st["pid"])):

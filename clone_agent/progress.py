@@ -48,7 +48,7 @@ class Reporter:
                 self.err.write(line + "\n")
         elif self.tty:
             self._rich(kind, event)
-        elif kind == "stage" and event.get("state") != "In Progress":
+        elif kind == "stage" and event.get("state") not in ("In Progress", "Not Started"):
             self.err.write(f"{event['stage']}: {event['state']}  {human(event['data'])}  "
                            f"({human(event['data_speed'])}/s)\n")
         elif kind == "stage":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from typing import Any
 
 import zmq
 
+from donor.control import ServeControl
 from donor.gate import Gate, _Delayed
 from donor.session import ReadyBlock, Session
 from engine import crypto
@@ -33,6 +35,7 @@ from engine.auth import UsersFile
 from engine.codec import MAX_BLOCK
 from engine.errors import (
     CloneError,
+    CloneInProgress,
     NotADataDirectory,
     ProtocolError,
     QueryInterrupted,
@@ -122,6 +125,9 @@ class DonorServer:
         self.poller = zmq.Poller()
         self.key = key if key is not None else crypto.StaticKey.generate()
         self.gate = Gate(users, self.key, require_secure_transport)
+        #: the local control channel (a `pull --replace` of this directory: RESTART)
+        self.control: ServeControl | None = None
+        self.released = False  #: the directory is let go for a replace
 
     # -- lifetime -------------------------------------------------------------------
     def serve(self, should_stop: Callable[[], bool],
@@ -132,15 +138,12 @@ class DonorServer:
         tune_allocator()
         calm_gc()
         with ExitStack() as stack:
+            # First: an interrupted replace settled, and the directory held (shared).
+            self.control = stack.enter_context(ServeControl(self, self.datadir))
             self.ctx = zmq.Context(io_threads=2)
             stack.callback(self._term_context)
-            if is_paged(self.datadir):
-                self.store = PageStore(self.datadir)
-                stack.callback(self._close_store)
-                self._start_workload()
-            elif self.workload_rate is not None:
-                raise NotADataDirectory(self.datadir, hint="--workload needs a data directory "
-                                        "made by `clone-agent init`")
+            stack.callback(self._close_store)
+            self._open_store()
             # Slots as large as the largest block a recipient may ask for; a clone of
             # smaller blocks touches (and so costs) only the head of each.
             self.ring = stack.enter_context(Ring(self.slots, MAX_BLOCK))
@@ -148,7 +151,8 @@ class DonorServer:
             self.sock, self.port = router(self.ctx, self.host, self.port, self.url)
             stack.callback(self.sock.close, 0)
             self._start_readers()
-            if self.url is None:
+            if self.url is None:  # clone-local's donor is its command line's alone
+                self.control.listen(f"{self.host}:{self.port}", self.poller)
                 log.info("donor key %s%s", self.key.fingerprint,
                          "; anyone may clone (--allow-anonymous)" if self.gate.anonymous
                          else "")
@@ -163,6 +167,39 @@ class DonorServer:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
+
+    def _open_store(self) -> None:
+        if is_paged(self.datadir):
+            self.store = PageStore(self.datadir)
+            self._workload_stop.clear()
+            self._start_workload()
+        elif self.workload_rate is not None:
+            raise NotADataDirectory(self.datadir, hint="--workload needs a data directory "
+                                    "made by `clone-agent init`")
+
+    # -- RESTART: asked by donor/control.py for a `pull --replace` of this directory ------
+    def describe(self) -> dict[str, Any]:
+        return {"paged": self.store is not None, "workload": self.workload_rate,
+                "last_txn": self.store.last_txn if self.store is not None else None}
+
+    def release_datadir(self) -> dict[str, Any]:
+        """Let go of the directory: the clone being served ends (1317, as when the donor
+        stops), the workload stops, the store closes cleanly. INIT is refused (3874)
+        until :meth:`reopen_datadir`."""
+        self.end_session(QueryInterrupted(), send_error=True)
+        last_txn = self.store.last_txn if self.store is not None else None
+        self._close_store()
+        self.released = True
+        return {"last_txn": last_txn}
+
+    def reopen_datadir(self) -> dict[str, Any]:
+        """Serve the directory again, as at start: its store, and its workload, which
+        goes on from the store's last transaction + 1."""
+        if self.faults.get("die_at_reopen"):  # tests: a server that crashes coming back
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._open_store()
+        self.released = False
+        return self.describe()
 
     def _close_store(self) -> None:
         self._stop_workload()
@@ -291,6 +328,8 @@ class DonorServer:
             ready = dict(self.poller.poll(wait_ms))
             if self.sock in ready:
                 self._receive()
+            if self.control is not None:
+                self.control.handle(ready)
             self._pool_events()
             self._pump()
             if self.report is not None and self.store is not None and \
@@ -370,6 +409,9 @@ class DonorServer:
                 self.gate.forget([ident])
 
     def _on_init(self, ident: bytes, init: M.Init) -> None:
+        if self.released:  # being replaced: back on the new data soon
+            raise CloneInProgress(hint="the donor's data directory is being replaced; "
+                                  "try again when it serves again")
         conn = self.gate.may_clone(ident)
         s = self.session
         if s is not None:

@@ -16,5 +16,8 @@
 | acl        | POSIX ACLs as Linux stores them: parsed, checked, remapped, narrowed      |
 | status     | clone_status / clone_progress, persisted under #clone/                   |
 | throttle   | bandwidth limits shared by several processes (a token bucket in shm)      |
+| faults     | kill points: a named place where a test has the process SIGKILL itself   |
+| swap       | replace mode's swap: the journal, its roll-back and roll-forward, locks   |
+| control    | a serve's local control channel: finding it, asking it (RESTART)          |
 | pagestore/ | the emulated InnoDB-style store: pages, redo, tracking, archiving, recovery |
 """

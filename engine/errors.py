@@ -44,6 +44,11 @@ class CloneError(Exception):
     def to_dict(self) -> dict[str, Any]:
         return {"error_no": self.errno, "error_message": self.message}
 
+    def each(self) -> list[CloneError]:
+        """The problems this error reports, each printed as its own ERROR line with its
+        own hint: itself alone (several, for :class:`Problems`)."""
+        return [self]
+
 
 # -- MySQL's numbers --------------------------------------------------------------------
 
@@ -141,6 +146,17 @@ class TooManyClones(CloneError):
     template = "Too many concurrent clone operations. Maximum allowed - %d."
     default_hint = "wait for the running clone to finish, then try again"
     retryable = True
+
+
+class RestartFailed(CloneError):
+    """The server that owned a replaced data directory did not come back on the clone
+    (MySQL's ER_RESTART_SERVER_FAILED, which a clone without a supervisor reports). The
+    clone itself is in place."""
+
+    errno = 3707
+    template = "Restart server failed (%s)."
+    default_hint = ("the clone is in place and whole: start `clone-agent serve DATADIR` "
+                    "on it again")
 
 
 class DonorError(CloneError):
@@ -284,6 +300,14 @@ class VerifyFailed(CloneError):
     template = "Verification failed: %s"
 
 
+class ReplaceRefused(CloneError):
+    """``pull --replace DATADIR`` cannot replace that path (it does not exist, is not a
+    directory, cannot be written, or ``--keep-old`` cannot take the old data)."""
+
+    errno = 8009
+    template = "Cannot replace '%s': %s"
+
+
 class NoStatus(CloneError):
     errno = 8007
     template = "No clone status found for '%s'"
@@ -311,9 +335,54 @@ EXIT_STATUS_TABLE: dict[type[CloneError], int] = {
         StageCrashed, UnknownVariable, Unexpected, AccessDenied, NoPrivilege, SslError,
         InsecureTransport,
         ChecksumMismatch, UnsafeName, NotADataDirectory, DataDirectoryLocked, VerifyFailed,
-        NoStatus, SourceChanged,
+        NoStatus, SourceChanged, RestartFailed, ReplaceRefused,
     )
 }
+
+
+class Problems(CloneError):
+    """Several problems found together: a preflight reports every one of them at once,
+    where MySQL stops at the first, so that one run shows everything to fix.
+
+    Its number, SQLSTATE, message and exit status are the first problem's (so are the
+    status book's error fields); :meth:`each` gives them all, each printed as its own
+    ``ERROR N (...)`` line followed by its own hint; ``--json``'s error object lists
+    them under ``"errors"``."""
+
+    def __init__(self, problems: list[CloneError]) -> None:
+        flat = [one for p in problems for one in p.each()]
+        if not flat:
+            raise ValueError("Problems of nothing")
+        first = flat[0]
+        super().__init__(first.message, hint=first.hint)
+        self.problems = flat
+        self.message = first.message
+        self.errno = first.errno  # type: ignore[misc]
+        self.sqlstate = first.sqlstate  # type: ignore[misc]
+        self.exit_status = first.exit_status  # type: ignore[misc]
+
+    def each(self) -> list[CloneError]:
+        return list(self.problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.problems[0].to_dict(), "errors": [p.to_dict() for p in self.problems]}
+
+
+def problems_of(check: Any, *args: Any) -> list[CloneError]:
+    """Run ``check(*args)``; the problems it raises (none when it returns)."""
+    try:
+        check(*args)
+    except CloneError as err:
+        return err.each()
+    return []
+
+
+def raise_all(problems: list[CloneError]) -> None:
+    """Raise every problem at once: nothing, the one, or :class:`Problems`."""
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise Problems(problems)
 
 
 def exit_status(exc: BaseException) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -99,6 +100,11 @@ class StatusBook:
         self.dir: str | None = None
         self.state_dir = state_dir
         self._last_save = 0.0
+        #: stages whose row a connection borrows without doing their work (replace
+        #: mode's DROP DATA, which comes after the swap): they end Not Started
+        self._borrowed: set[str] = set()
+        #: called with a stage's name as it begins (a pull's kill points, for tests)
+        self.on_begin: Callable[[str], None] | None = None
 
     # -- the model --------------------------------------------------------------------
     def stage(self, name: str) -> StageProgress:
@@ -120,7 +126,18 @@ class StatusBook:
         st._t0 = time.monotonic()
         st._sample = (st._t0, 0, 0)
         self.save(force=True)
+        if self.on_begin is not None and name not in self._borrowed:
+            self.on_begin(name)
         return st
+
+    def borrow(self, name: str) -> None:
+        """``name``'s row is used for a step that is not its work (until
+        :meth:`give_back`): it shows In Progress and Failed as usual, but ends Not
+        Started, with no times or counters, so that the real work counts alone."""
+        self._borrowed.add(name)
+
+    def give_back(self, name: str) -> None:
+        self._borrowed.discard(name)
 
     def update(self, name: str, data: int, network: int, threads: int | None = None) -> None:
         st = self.stage(name)
@@ -137,6 +154,11 @@ class StatusBook:
 
     def end_stage(self, name: str, state: str = COMPLETED) -> None:
         st = self.stage(name)
+        if name in self._borrowed and state == COMPLETED:
+            fresh = StageProgress(st.id, st.stage)
+            self.progress[STAGES.index(name)] = fresh
+            self.save(force=True)
+            return
         if st.state == NOT_STARTED and state == COMPLETED:
             st.begin_time = now_iso()
             st._t0 = time.monotonic()
@@ -217,22 +239,64 @@ class StatusBook:
                           orjson.dumps(data), durable)
 
 
-def read_status(destination: str, state_dir: str | None) -> dict[str, Any]:
-    """What ``status DIR`` shows: ``DIR/#clone/`` first, else the recipient's record."""
+def _read_dir(destination: str) -> dict[str, Any] | None:
     base = os.path.join(os.path.abspath(destination), STATUS_DIR)
     try:
         with open(os.path.join(base, STATUS_FILE), "rb") as fh:
             status = orjson.loads(fh.read())
         with open(os.path.join(base, PROGRESS_FILE), "rb") as fh:
             progress = orjson.loads(fh.read())
-        return {"clone_status": status, "clone_progress": progress}
     except (FileNotFoundError, NotADirectoryError):
-        pass
-    if state_dir is not None:
-        try:
-            with open(_record_path(state_dir, destination), "rb") as fh:
-                data: dict[str, Any] = orjson.loads(fh.read())
-                return data
-        except FileNotFoundError:
-            pass
-    raise NoStatus(destination)
+        return None
+    return {"clone_status": status, "clone_progress": progress}
+
+
+def _read_record(destination: str, state_dir: str | None) -> dict[str, Any] | None:
+    if state_dir is None:
+        return None
+    try:
+        with open(_record_path(state_dir, destination), "rb") as fh:
+            data: dict[str, Any] = orjson.loads(fh.read())
+    except FileNotFoundError:
+        return None
+    return data
+
+
+def read_status(destination: str, state_dir: str | None) -> dict[str, Any]:
+    """What ``status DIR`` shows: the later of ``DIR/#clone/`` and the recipient's record
+    (``DIR/#clone/`` when they began together). The record can be the later one where
+    ``DIR`` stays: a replace refused after it reached the donor (no space) records its
+    failure there, and leaves ``DIR`` and the last clone's status in it as they were."""
+    in_dir = _read_dir(destination)
+    record = _read_record(destination, state_dir)
+    if in_dir is not None and record is not None:
+        began = in_dir["clone_status"].get("begin_time") or ""
+        return record if (record["clone_status"].get("begin_time") or "") > began \
+            else in_dir
+    found = in_dir or record
+    if found is None:
+        raise NoStatus(destination)
+    return found
+
+
+def note_settled(datadir: str, forward: bool) -> None:
+    """The status of a replace whose pull died, once the next command has finished its
+    swap (``forward``: the clone is in place, Completed) or undone it (Failed; the error
+    fields keep the 1317 "Query execution was interrupted" of a running clone)."""
+    data = _read_dir(datadir)
+    if data is None or data["clone_status"].get("state") != IN_PROGRESS:
+        return
+    status, progress = data["clone_status"], data["clone_progress"]
+    end = now_iso()
+    status["state"] = COMPLETED if forward else FAILED
+    status["end_time"] = end
+    if forward:
+        status["error_no"], status["error_message"] = 0, ""
+    for row in progress:
+        if row.get("state") == IN_PROGRESS:
+            row["state"], row["end_time"] = (COMPLETED if forward else FAILED), end
+    base = os.path.join(datadir, STATUS_DIR)
+    write_durable(os.path.join(base, STATUS_FILE),
+                  orjson.dumps(status, option=orjson.OPT_INDENT_2))
+    write_durable(os.path.join(base, PROGRESS_FILE),
+                  orjson.dumps(progress, option=orjson.OPT_INDENT_2))

@@ -32,7 +32,8 @@ from engine import messages as M
 from engine.codec import block_size_for
 from engine.config import CloneConfig, check_valid_donor
 from engine.crypto import fingerprint
-from engine.errors import CloneError, QueryInterrupted, from_oserror
+from engine.errors import CloneError, QueryInterrupted, from_oserror, problems_of
+from engine.faults import KillPoints
 from engine.fsutil import syncfs
 from engine.protocol import MAX_STREAMS, PROTOCOL_VERSION
 from engine.ring import Ring, sweep_stale
@@ -43,6 +44,7 @@ from engine.transport import probe, tcp_url, tune_allocator
 from recipient.destination import Destination, check_new_directory
 from recipient.manifest import REDO_NAME, Manifest
 from recipient.meta import Fidelity
+from recipient.replace import ReplaceDestination
 from recipient.transfer import (
     PREFER_SSL,
     START_STREAMS,
@@ -83,6 +85,9 @@ class PullOptions:
     should_stop: Callable[[], bool] = field(default=lambda: False)
     emit: EventSink = field(default=lambda event: None)
     keep: Fidelity = field(default_factory=Fidelity)  #: owners, xattrs, ACLs, changes
+    replace: bool = False  #: replace the existing data directory ``destination``
+    keep_old: str | None = None  #: with ``replace``: where the old data goes, not removed
+    faults: dict[str, str] = field(default_factory=dict)  #: kill_at=POINT (tests)
 
 
 def concurrency_plan(config: CloneConfig, block_size: int) -> tuple[int, int]:
@@ -141,7 +146,10 @@ class Pull:
     def __init__(self, opts: PullOptions) -> None:
         self.o = opts
         self.book = StatusBook(f"{opts.host}:{opts.port}", opts.destination, opts.state_dir)
-        self.dest = Destination(opts.destination, self.book)
+        self.dest: Destination | ReplaceDestination = ReplaceDestination(
+            opts.destination, self.book, (opts.host, opts.port), opts.keep_old, opts.emit,
+            KillPoints(opts.faults.get("kill_at"))) if opts.replace \
+            else Destination(opts.destination, self.book)
         self.transfer: Transfer | None = None
         self.manifest: Manifest | None = None
         self.point: M.ConsistentPoint | None = None
@@ -152,15 +160,16 @@ class Pull:
     # -- the clone ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         o = self.o
-        if o.url is None:
-            check_valid_donor(o.config, o.host, o.port)
-        self.dest.check()
+        # Every preflight problem is reported at once (MySQL stops at the first).
+        refused = problems_of(check_valid_donor, o.config, o.host, o.port) \
+            if o.url is None else []
+        self.dest.check(refused)
         sweep_stale()
         self.dest.create()
         try:
             result = self._clone()
         except BaseException as exc:
-            err = _as_clone_error(exc)
+            err = self.dest.with_pending(_as_clone_error(exc))
             if self.transfer is not None:
                 self.transfer.abort(err)
             self.dest.abort(err)
@@ -217,6 +226,7 @@ class Pull:
             self.dest.attach_status()  # durable, while the donor scans
             self._emit_status()
             cfg = t.config()
+            self.dest.admit(cfg)  # a replace's last preflight check needs the estimate
             self._end_stage("DROP DATA")
 
             self.book.begin_stage("FILE COPY", estimate=cfg.bytes, threads=1)
@@ -307,7 +317,7 @@ class Pull:
 
     def _summary(self) -> dict[str, Any]:
         assert self.transfer is not None
-        summary = self.book.as_dict()
+        summary = {**self.book.as_dict(), **self.dest.report()}
         summary["autotune"] = [{"t": round(t, 3), "streams": n, "speed": int(v)}
                                for t, n, v in self.transfer.tuner.history]
         if self.point is not None:  # the donor's consistent point, as it reported it

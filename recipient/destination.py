@@ -9,15 +9,30 @@ status moves to the state directory first, so that nothing more is written under
 destination, and a status write that fails never stops the removal.
 
 Replace mode (an existing data directory swapped in place) is a second kind of
-destination with the same three steps.
+destination with the same steps: :class:`recipient.replace.ReplaceDestination`.
+
+The steps, in the order a pull calls them: ``check(earlier)`` (every problem, raised
+together with ``earlier``, the donor list's), ``create()``, ``attach_status()``,
+``admit(cfg)`` once the donor's CONFIG is known, the copy into ``root``, then
+``commit()`` or ``abort(err)``; ``with_pending(err)`` joins a failure before ``admit``
+to problems a destination kept for it, and ``report()`` adds to the summary.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
-from engine.errors import CloneError, DatabaseExists, LocalIOError, UsageError, from_oserror
+from engine import messages as M
+from engine.errors import (
+    CloneError,
+    DatabaseExists,
+    LocalIOError,
+    UsageError,
+    from_oserror,
+    raise_all,
+)
 from engine.fsutil import remove_tree
 from engine.status import StatusBook
 
@@ -51,10 +66,26 @@ class Destination:
         self.book = book
         self.created = False
 
-    def check(self) -> None:
-        """Every rule, before anything is created (a refusal leaves no trace)."""
-        self.path = check_new_directory(self.path)
+    def check(self, earlier: list[CloneError]) -> None:
+        """Every rule, before anything is created (a refusal leaves no trace); raises
+        its problem together with ``earlier``'s."""
+        problems = list(earlier)
+        try:
+            self.path = check_new_directory(self.path)
+        except CloneError as err:
+            problems += err.each()
+        raise_all(problems)
         self.book.status.destination = self.path
+
+    def admit(self, cfg: M.Config) -> None:
+        """Nothing more to check once the donor is known: a disk too small fails at the
+        first preallocation, before any block."""
+
+    def with_pending(self, err: CloneError) -> CloneError:
+        return err
+
+    def report(self) -> dict[str, Any]:
+        return {}
 
     def create(self) -> None:
         try:

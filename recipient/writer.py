@@ -86,7 +86,10 @@ class WriteOrder(NamedTuple):
 class Writer:
     def __init__(self, index: int, args: dict[str, Any]) -> None:
         self.ring = RingView(args["ring"], args["capacity"], args["slot_size"])
-        self.root = os.open(args["root"], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        # Opened at the first write, not here: writers start while the donor scans,
+        # before a replace's destination has passed its last check and been made.
+        self._root_path: str = args["root"]
+        self._root = -1
         self.fds: OrderedDict[str, int] = OrderedDict()
         self.direct_fds: OrderedDict[str, int] = OrderedDict()
         self.direct = bool(args.get("direct_io", True)) and hasattr(os, "O_DIRECT")
@@ -114,6 +117,12 @@ class Writer:
         self.limits = [(RateLimit.attach(path), key) for key, path in
                        (("raw", args.get("data_limit")), ("len", args.get("net_limit")))
                        if path]
+
+    @property
+    def root(self) -> int:
+        if self._root < 0:
+            self._root = os.open(self._root_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        return self._root
 
     def _open(self, rel: str, direct: bool = False) -> int:
         cache = self.direct_fds if direct else self.fds
@@ -231,7 +240,9 @@ class Writer:
         if self._scratch is not None and self._scratch_view is not None:
             self._scratch_view.release()
             self._scratch.close()
-        os.close(self.root)
+        if self._root >= 0:
+            os.close(self._root)
+            self._root = -1
         self.ring.close()
         for limit, _ in self.limits:
             limit.close()

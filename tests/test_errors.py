@@ -1,3 +1,5 @@
+import pytest
+
 from engine import errors as E
 
 
@@ -64,3 +66,28 @@ def test_the_catch_all_and_unknown_variables() -> None:
     assert E.exit_status(unknown) == E.EXIT_USAGE
     assert E.EXIT_STATUS_TABLE[E.UnknownVariable] == 2
     assert E.EXIT_STATUS_TABLE[E.Unexpected] == 1
+
+
+def test_replace_mode_numbers() -> None:
+    assert E.RestartFailed("x").line() == "ERROR 3707 (HY000): Restart server failed (x)."
+    assert E.ReplaceRefused("/d", "it does not exist").line() == (
+        "ERROR 8009 (HY000): Cannot replace '/d': it does not exist")
+    assert E.DiskSpace("2.00 MiB", "1.00 MiB").line() == (
+        "ERROR 3873 (HY000): Clone estimated database size is 2.00 MiB. Available space "
+        "1.00 MiB is not enough.")
+    assert E.exit_status(E.RestartFailed("x")) == E.exit_status(E.ReplaceRefused("a", "b")) == 1
+
+
+def test_problems_are_reported_each_with_its_hint() -> None:
+    many = E.Problems([E.SysConfig("a"), E.Problems([E.DiskSpace("2", "1"),
+                                                     E.UsageError("u", hint="do u")])])
+    assert [p.errno for p in many.each()] == [3869, 3873, 8001]
+    assert many.errno == 3869 and many.line() == E.SysConfig("a").line()
+    assert E.exit_status(many) == 1  # the first problem's
+    assert E.exit_status(E.Problems([E.UsageError("u"), E.SysConfig("a")])) == 2
+    assert many.to_dict()["errors"][2] == {"error_no": 8001, "error_message": "u"}
+    assert E.problems_of(lambda: None) == []
+    assert [p.errno for p in E.problems_of(E.raise_all, many.each())] == [3869, 3873, 8001]
+    with pytest.raises(E.DiskSpace):
+        E.raise_all([E.DiskSpace("2", "1")])
+    E.raise_all([])

@@ -47,6 +47,7 @@ from engine.pagestore.redo import (
     rec_write,
     scan_log,
 )
+from engine.swap import open_shared
 
 REDO_DIR = "#ib_redo"
 ARCHIVE_DIR = "#ib_archive"
@@ -210,7 +211,18 @@ class PageStore:
         self._lock_fd = -1
         self.recovered_mtrs = 0
         self.commits = 0
-        control = read_control(self.root)
+        # A replace that a crash interrupted is finished or undone before anything is
+        # read, and the directory is held shared so that no swap starts under us.
+        try:
+            self._dir_lock = open_shared(self.root)
+        except (FileNotFoundError, NotADirectoryError):
+            read_control(self.root)  # not a directory at all: the usual error, with its hint
+            raise
+        try:
+            control = read_control(self.root)
+        except BaseException:
+            self._dir_lock.close()
+            raise
         self.page_size: int = control["page_size"]
         self.server_uuid: str = control["server_uuid"]
         self.checkpoint_lsn: int = control["checkpoint_lsn"]
@@ -219,8 +231,8 @@ class PageStore:
         self.binlog_pos: int = control.get("binlog_pos", 4)
         self.next_space_id: int = control.get("next_space_id", 100)
         self.control = control
-        self._take_lock(shared=readonly)
         try:
+            self._take_lock(shared=readonly)
             for sid, info in control["spaces"].items():
                 self._open_space(int(sid), info["path"], info["pages"])
             self._recover()
@@ -602,6 +614,7 @@ class PageStore:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+        self._dir_lock.close()
 
     def __enter__(self) -> PageStore:
         return self
