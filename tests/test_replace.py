@@ -444,7 +444,7 @@ def test_one_replace_at_a_time_and_status_throughout(tmp_path: Path) -> None:
         second = run_cli("pull", f"u@{donor.address}", "--replace", str(data))
         # every problem: this directory is being replaced, and the donor is busy
         assert _errors(second.stderr) == [3874, 3634], second.stderr
-        busy = run_cli("serve", str(data), "--bind", "127.0.0.1:0")
+        busy = run_cli("serve", str(data), "--bind", "127.0.0.1:0", "--allow-anonymous")
         assert _errors(busy.stderr) == [3874]
         _, err = first.communicate(timeout=60)
         assert first.returncode == 0, err
