@@ -1,83 +1,96 @@
-"""A donor in a child process for ``clone-local``: the same snapshot, no network.
+"""A donor in a worker process for ``clone-local``: the same snapshot, no network.
 
-The child runs :class:`~donor.server.DonorServer` on an IPC socket file in a 0700
-directory of the parent's (:class:`~engine.ipc.EndpointDir`: no TCP port, and no other
-local user can connect and pull the data directory), and is stopped through a pipe;
-``with LocalDonor(...)`` starts it, waits (bounded) until it is ready, and stops and
-joins it and removes the directory on exit.
+The worker is an ordinary stage worker (:class:`~engine.stage.Pipeline` of one, the
+same process mechanism as the readers and writers): its handler runs
+:class:`~donor.server.DonorServer` in a thread on an IPC socket file in a 0700
+directory of the parent's (:class:`~engine.ipc.EndpointDir`: no TCP port, and no
+other local user can connect and pull the data directory). The worker is "ready" only
+once the server accepts clones (a server that cannot start is the worker's crash, and
+its error, a data directory another process owns say, comes back as itself); the
+pipeline's stop ends the server at a safe point and joins it. ``with LocalDonor(...)``
+starts it and, however the block ends, stops and joins it and removes the directory.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import signal
-from multiprocessing.connection import Connection
+import threading
 from typing import Any
 
-from engine.errors import StageCrashed, by_number
+from engine.errors import CloneError, StageCrashed
 from engine.ipc import EndpointDir
+from engine.stage import Pipeline
 
 log = logging.getLogger("clone_agent.donor")
 
+READY_TIMEOUT = 60.0  #: seconds for the server to open the directory and listen
 
-def _child(datadir: str, url: str, conn: Connection) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from donor.server import DonorServer
-    from engine.errors import CloneError
 
-    try:
-        server = DonorServer(datadir, "local", 0, url=url)
-        server.serve(should_stop=conn.poll, on_ready=lambda h, p: conn.send(["ready"]))
-    except CloneError as exc:
-        conn.send(["error", exc.errno, exc.message])
-    except Exception as exc:  # noqa: BLE001 - reported to the parent as an outcome
-        conn.send(["error", 0, f"{type(exc).__name__}: {exc}"])
+class LocalDonorWorker:
+    """The handler of the worker: a donor server in a thread, stopped by ``close``."""
+
+    def __init__(self, index: int, args: dict[str, Any]) -> None:
+        from donor.server import DonorServer
+
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.server = DonorServer(args["datadir"], "local", 0, url=args["url"])
+        self.thread = threading.Thread(target=self._serve, name="local-donor", daemon=True)
+        self.thread.start()
+        while not self.ready.wait(0.1):  # bounded by the pipeline's readiness wait
+            if not self.thread.is_alive():
+                break
+        if self.error is not None:
+            raise self.error  # the pipeline sends it back as the crash it is
+        if not self.ready.is_set():
+            raise StageCrashed("local donor", "the server ended before it was ready")
+
+    def _serve(self) -> None:
+        try:
+            self.server.serve(should_stop=self.stop.is_set,
+                              on_ready=lambda host, port: self.ready.set())
+        except BaseException as exc:  # noqa: BLE001 - reported through __init__ or close
+            self.error = exc
+
+    def handle(self, msg: list[Any]) -> Any:
+        raise StageCrashed("local donor", f"unexpected work {msg[0]!r}")
+
+    def close(self) -> dict[str, Any]:
+        self.stop.set()
+        self.thread.join(30)
+        if self.error is not None:
+            raise self.error
+        return {}
 
 
 class LocalDonor:
-    def __init__(self, datadir: str, timeout: float = 60.0) -> None:
+    """``with LocalDonor(datadir) as donor:`` serves ``datadir`` at ``donor.url``."""
+
+    def __init__(self, datadir: str, timeout: float = READY_TIMEOUT) -> None:
         self.datadir = datadir
+        self.timeout = timeout
         self._dir = EndpointDir()
         self.url = self._dir.endpoint("donor")
-        self.timeout = timeout
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child_conn = ctx.Pipe()
-        self._proc = ctx.Process(target=_child, args=(datadir, self.url, child_conn),
-                                 name="clone-agent-local-donor")
-        self._child_conn = child_conn
+        self._pool = Pipeline("local-donor", "donor.local:LocalDonorWorker", 1,
+                              {"datadir": datadir, "url": self.url}, stop_timeout=30.0)
 
     def __enter__(self) -> LocalDonor:
         try:
-            self._proc.start()
+            self._pool.start()
+            self._pool.wait_ready(self.timeout)
         except BaseException:
-            self._dir.close()
+            self._close(abort=True)
             raise
-        self._child_conn.close()
-        if not self._conn.poll(self.timeout):
-            self._stop()
-            raise StageCrashed("local donor", f"not ready within {self.timeout:g} s")
-        msg: Any = self._conn.recv()
-        if msg[0] != "ready":
-            self._stop()
-            raise by_number(msg[1], msg[2]) if msg[1] else StageCrashed("local donor", msg[2])
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._close(abort=False)
 
-    def _stop(self) -> None:
+    def _close(self, abort: bool) -> None:
         try:
-            self._conn.send(["stop"])
-        except OSError:
-            pass
-        self._proc.join(15)
-        if self._proc.exitcode is None:
-            log.warning("local donor did not stop; terminating it")
-            self._proc.terminate()
-            self._proc.join(5)
-        if self._proc.exitcode is None:
-            self._proc.kill()
-            self._proc.join(5)
-        self._conn.close()
-        self._dir.close()
+            self._pool.close(abort=abort)
+        except CloneError as exc:  # the clone's own outcome is what the user sees
+            log.warning("local donor ended badly: %s", exc.message)
+        finally:
+            self._dir.close()

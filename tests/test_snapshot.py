@@ -139,3 +139,15 @@ def test_clone_local_takes_the_same_snapshot(datadir: Path, tmp_path: Path) -> N
     assert report["ok"]
     st = json.loads(run_cli("status", str(dest), "--json").stdout)
     assert st["clone_progress"][6]["state"] == "Completed"
+
+
+def test_clone_local_of_a_directory_that_another_process_owns(datadir: Path,
+                                                               tmp_path: Path) -> None:
+    """The local donor is a stage worker: its refusal comes back as the error it is."""
+    dest = tmp_path / "local"
+    with Donor(datadir, "--workload", "50"):  # the server owns the data directory now
+        res = run_cli("clone-local", str(datadir), "--data-dir", str(dest))
+    assert res.returncode == 1, res.stderr
+    assert f"ERROR 8005 (HY000): Data directory '{datadir}' is in use" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not dest.exists()
