@@ -447,7 +447,12 @@ class DonorServer:
         s = self.session
         if s is None or (msg.body.get("clone_id") != s.clone_id):
             raise ProtocolError("no such clone (it ended, or the donor restarted)")
-        s.last_heard = time.monotonic()
+        if ident not in s.streams and msg.kind != P.ATTACH:
+            raise ProtocolError("a stream that did not ATTACH")
+        # Liveness is progress: an empty ACK (the recipient's ping) does not keep the
+        # one-clone slot; blocks written, and every other command, do.
+        if not (msg.kind == P.ACK and not msg.body.get("blocks")):
+            s.last_heard = time.monotonic()
         if msg.kind == P.ATTACH:
             conn = self.gate.conn(ident)
             locs = s.attach(ident, M.Attach.from_body(msg.body), conn.encrypted)

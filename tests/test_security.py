@@ -21,7 +21,7 @@ import zmq
 from engine import crypto
 from engine import messages as M
 from engine import protocol as P
-from tests.helpers import CLI, ROOT, Donor, free_port, run_cli
+from tests.helpers import CLI, ROOT, Donor, free_port, plain_peer, run_cli
 
 PASSWORD = "s3cret-Pass-7b1e"
 MARKER = b"MARKER-4fd2-only-in-a-file-of-the-donor"
@@ -434,3 +434,30 @@ def _peak_rss(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmHWM")
+
+
+def test_pings_alone_do_not_hold_the_one_clone_slot(tmp_path: Path) -> None:
+    """A recipient that starts a clone and then only pings (empty ACKs) loses it after
+    the donor's idle timeout: the next clone is served, not refused with 3634."""
+    src = _source(tmp_path)
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        with Donor(src, "--idle-timeout", "2") as donor:
+            peer = plain_peer(ctx, donor.address)
+            peer.send_multipart(P.command(P.INIT, M.Init(P.PROTOCOL_VERSION, "u").to_body()))
+            assert peer.poll(10000)
+            cfg = P.decode(peer.recv_multipart(), P.RESP)
+            assert cfg.kind == P.CONFIG
+            deadline = time.monotonic() + 30
+            res = None
+            while time.monotonic() < deadline:
+                peer.send_multipart(P.command(P.ACK, M.Ack(cfg.body["clone_id"], [], 0)
+                                              .to_body()))
+                res = _pull(donor.address, tmp_path / "dest", "--connect-timeout", "3")
+                if res.returncode == 0 or "ERROR 3634" not in res.stderr:
+                    break
+            assert res is not None and res.returncode == 0, res.stderr
+            peer.close()
+        assert "silent" in donor.stderr
+    finally:
+        ctx.term()
