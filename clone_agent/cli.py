@@ -22,6 +22,8 @@ from types import FrameType
 
 _INTERRUPTED = "ERROR 1317 (70100): Query execution was interrupted\n"
 _interrupted_early = False
+#: The signal that last asked us to stop (StopFlag): 1317 exits 130 or 143 by it.
+_signal_seen: int | None = None
 
 
 def _interrupted_at_start(signum: int, frame: FrameType | None) -> None:
@@ -49,7 +51,13 @@ import typer
 from typer.core import TyperCommand
 
 from engine.config import load_config
-from engine.errors import EXIT_FAILURE, CloneError, Unexpected, UsageError, exit_status
+from engine.errors import (
+    CloneError,
+    Unexpected,
+    UsageError,
+    exit_status,
+    interrupted_status,
+)
 
 # typer's pretty exceptions print every frame's local variables: the password, the
 # whole configuration. Off; main() and _Command report what escapes a command.
@@ -73,7 +81,7 @@ def _fail(err: CloneError, json_mode: bool = False) -> NoReturn:
     if json_mode:
         sys.stdout.write(orjson.dumps(err.to_dict()).decode() + "\n")
         sys.stdout.flush()
-    raise typer.Exit(exit_status(err))
+    raise typer.Exit(exit_status(err, _signal_seen))
 
 
 @contextmanager
@@ -168,6 +176,8 @@ class StopFlag:
         return self.requested
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        global _signal_seen
+        _signal_seen = signum
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -734,7 +744,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here: KeyboardInterrupt
     if _interrupted_early:
         sys.stderr.write(_INTERRUPTED)
-        sys.exit(1)
+        sys.exit(interrupted_status(signal.SIGINT))
     try:
         status = _run()
     finally:
@@ -750,13 +760,13 @@ def _run() -> int:
         status = app(standalone_mode=False)
     except KeyboardInterrupt:
         sys.stderr.write(_INTERRUPTED)
-        return EXIT_FAILURE
+        return interrupted_status(_signal_seen)
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except click.Abort:
-        sys.stderr.write("Aborted!\n")
-        return EXIT_FAILURE
+    except click.Abort:  # click's answer to a Ctrl-C at one of its prompts
+        sys.stderr.write(_INTERRUPTED)
+        return interrupted_status(signal.SIGINT)
     except Exception as exc:  # raised outside a command's body (its parsing, say)
         argv = sys.argv[1:]
         try:
@@ -765,7 +775,7 @@ def _run() -> int:
             return out.exit_code
     if status == 130:  # typer's answer to a Ctrl-C it caught before a command ran
         sys.stderr.write(_INTERRUPTED)
-        return EXIT_FAILURE
+        return interrupted_status(signal.SIGINT)
     return status if isinstance(status, int) else 0
 
 

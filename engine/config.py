@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import InvalidDonorList, SysConfig, UnknownVariable, WrongValueForVar
+from engine.errors import (
+    ConfigError,
+    InvalidDonorList,
+    SysConfig,
+    UnknownVariable,
+    WrongValueForVar,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -184,12 +190,12 @@ def _toml_values(path: Path) -> dict[str, Any]:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
-        raise SysConfig(f"configuration file {path} not found") from None
+        raise ConfigError(f"configuration file {path} not found") from None
     except OSError as exc:
-        raise SysConfig(f"configuration file {path} cannot be read: {exc.strerror or exc}",
+        raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror or exc}",
                         hint="--config takes a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
-        raise SysConfig(f"configuration file {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
     strict = "clone" in data
     table = data["clone"] if strict else data
     if not isinstance(table, dict):

@@ -34,6 +34,7 @@ from engine.errors import (
     CloneError,
     CloneInProgress,
     DonorError,
+    DonorUnreachable,
     InsecureTransport,
     NetworkError,
     NoPrivilege,
@@ -229,7 +230,7 @@ class Transfer:
             try:
                 msg = self.wait(i, self.t.connect, "HELLO")
             except NetworkError as exc:
-                raise DonorError(
+                raise DonorUnreachable(
                     f"Connect failed: 2003 : no clone-agent answered at '{self.where}' "
                     f"within {self.t.connect:g} s",
                     hint="is that `clone-agent serve`? check the port") from exc
