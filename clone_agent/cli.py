@@ -69,8 +69,12 @@ log = logging.getLogger("clone_agent")
 
 
 def _state_dir() -> str:
-    return os.environ.get("CLONE_AGENT_STATE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".local", "state", "clone-agent")
+    """Where the recipient keeps its clone records: CLONE_AGENT_STATE_DIR, else the XDG
+    base directory specification's state home ($XDG_STATE_HOME, default ~/.local/state)."""
+    xdg = os.environ.get("XDG_STATE_HOME")
+    if not xdg or not os.path.isabs(xdg):  # the specification: a relative one is ignored
+        xdg = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.environ.get("CLONE_AGENT_STATE_DIR") or os.path.join(xdg, "clone-agent")
 
 
 def _fail(err: CloneError, json_mode: bool = False) -> NoReturn:
@@ -544,51 +548,53 @@ def clone_local(
     _run_pull(make, json_mode, "the clone")
 
 
-# -- status -----------------------------------------------------------------------------
+# -- status ---------------------------------------------------------------------------
 def _status_view(dest: str) -> dict[str, Any]:
     from engine.ring import _alive
-    from engine.status import FAILED, IN_PROGRESS, read_status
+    from engine.status import present, read_status
 
     data = read_status(dest, _state_dir())
-    st = data["clone_status"]
-    if st.get("state") == IN_PROGRESS and st.get("pid") and not _alive(int(st["pid"])):
-        st["state"] = FAILED  # the clone's process is gone: interrupted (1317 stays)
+    data["clone_status"] = present(data["clone_status"], _alive)
     return data
 
 
 @_command()
 def status(
-    dest: Path = typer.Argument(..., help="the clone's destination"),
-    json_mode: bool = typer.Option(False, "--json"),
-    watch: bool = typer.Option(False, "--watch", help="refresh every second until it ends"),
+    dest: Optional[Path] = typer.Argument(
+        None, help="the clone's destination; without it, the recent clones (the last 50)"),
+    json_mode: bool = typer.Option(False, "--json", help="one JSON object (a list without "
+                                   "DEST); with --watch, one per refresh"),
+    watch: bool = typer.Option(False, "--watch", help="refresh every second until the clone "
+                               "ends: in place on a terminal, one block after another "
+                               "otherwise"),
     verbose: bool = _verbose_option(),
 ) -> None:
-    """Show clone_status and clone_progress for the clone into DEST."""
+    """Show clone_status and clone_progress for the clone into DEST, or list the recent
+    clones. Exits 1 when the clone failed."""
     if verbose:
         _logging(verbose)
-    from clone_agent.progress import human
+    from clone_agent.statusview import Redraw, render_list, render_one
+    from engine.ring import _alive
+    from engine.status import FAILED, IN_PROGRESS, list_history, present
 
     with _errors(json_mode):
+        if dest is None:
+            if watch:
+                raise UsageError("--watch follows one clone: give its DEST")
+            rows = [present(st, _alive) for st in list_history(_state_dir())]
+            sys.stdout.write(orjson.dumps(rows).decode() + "\n" if json_mode
+                             else render_list(rows))
+            return
+        screen = Redraw(sys.stdout)
         while True:
             data = _status_view(str(dest))
-            if json_mode:
-                sys.stdout.write(orjson.dumps(data).decode() + "\n")
-            else:
-                st = data["clone_status"]
-                for key in ("state", "source", "destination", "begin_time", "end_time",
-                            "error_no", "error_message", "binlog_file", "binlog_position",
-                            "gtid_executed"):
-                    sys.stdout.write(f"{key:>16}: {st.get(key)}\n")
-                sys.stdout.write(f"\n{'STAGE':<10} {'STATE':<11} {'THREADS':>7} "
-                                 f"{'ESTIMATE':>12} {'DATA':>12} {'NETWORK':>12}\n")
-                for row in data["clone_progress"]:
-                    sys.stdout.write(f"{row['stage']:<10} {row['state']:<11} "
-                                     f"{row['threads']:>7} {human(row['estimate']):>12} "
-                                     f"{human(row['data']):>12} {human(row['network']):>12}\n")
-            sys.stdout.flush()
-            if not watch or data["clone_status"]["state"] != "In Progress":
-                return
+            screen.show(orjson.dumps(data).decode() + "\n" if json_mode else render_one(data))
+            state = data["clone_status"]["state"]
+            if not watch or state != IN_PROGRESS:
+                break
             time.sleep(1.0)  # --watch refreshes a display; it waits for no peer
+    if state == FAILED:
+        raise typer.Exit(1)  # a script can test the outcome without parsing
 
 
 # -- demo and bench ---------------------------------------------------------------------

@@ -330,7 +330,8 @@ EXIT_STATUS_TABLE: dict[type[CloneError], int] = {
     for cls in (
         CloneError, DatabaseExists, FileExists, LockWaitTimeout, WrongValueForVar,
         QueryInterrupted, PathInDatadir, DdlInProgress, TooManyClones, DonorError,
-        NetworkError, DonorUnreachable, ProtocolError, DonorVersion, DonorOS, DonorPlatform, ConfigMismatch,
+        NetworkError, DonorUnreachable, ProtocolError, DonorVersion, DonorOS, DonorPlatform,
+        ConfigMismatch,
         SysConfig, InvalidDonorList, DiskSpace, CloneInProgress, UsageError, LocalIOError,
         StageCrashed, UnknownVariable, Unexpected, AccessDenied, NoPrivilege, SslError,
         InsecureTransport,

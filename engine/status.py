@@ -24,9 +24,9 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from collections.abc import Callable
 from typing import Any
 
 import orjson
