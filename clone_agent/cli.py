@@ -433,7 +433,7 @@ def _run_pull(make: Callable[[Any, Callable[[], bool]], Any], json_mode: bool,
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    from clone_agent.progress import human
+    from clone_agent.progress import human, summary_line
 
     st = summary["clone_status"]
     sys.stderr.write(f"clone {st['state']}: {st['source']} -> {st['destination']}\n")
@@ -445,6 +445,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         if row["state"] != "Not Started":
             sys.stderr.write(f"  {row['stage']:<10} {row['state']:<11} {human(row['data']):>12}"
                              f"  {human(row['data_speed'])}/s\n")
+    sys.stderr.write(f"{summary_line(summary)}\n")
 
 
 @_command()
