@@ -63,7 +63,31 @@ from engine.errors import (
 # whole configuration. Off; main() and _Command report what escapes a command.
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   pretty_exceptions_enable=False, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"],
+                                    "max_content_width": 80},
+                  # click's plain help, not rich's boxes: those cut long option names
+                  # (--no-autotune-concurrency) to fit 80 columns
+                  rich_markup_mode=None,
                   help="Clone a live data directory between hosts, MySQL clone style.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            sys.stdout.write(f"clone-agent {version('clone-agent')}\n")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            sys.stdout.write("clone-agent (not installed)\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    show_version: bool = typer.Option(False, "--version", "-V", is_eager=True,
+                                      callback=_version, help="print the version and exit"),
+) -> None:
+    """Clone a live data directory between hosts, MySQL clone style."""
 
 log = logging.getLogger("clone_agent")
 
@@ -147,6 +171,12 @@ class _Command(TyperCommand):
         _refuse_repeats(self, ctx, args)
         return super().parse_args(ctx, args)
 
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        _argument_help(self)
+        super().format_help(ctx, formatter)
+        # typer escapes "[required]" for rich even when rich does not draw the help
+        formatter.buffer[:] = [part.replace("\\[", "[") for part in formatter.buffer]
+
     def invoke(self, ctx: click.Context) -> Any:
         json_mode = bool(ctx.params.get("json_mode"))
         try:
@@ -157,6 +187,21 @@ class _Command(TyperCommand):
             _fail(err, json_mode)
         except Exception as exc:
             _unexpected(exc, bool(ctx.params.get("verbose")), json_mode)
+
+
+def _argument_help(command: click.Command) -> None:
+    """Give arguments back their help: click 8.5's Parameter sets ``help`` to None after
+    typer's TyperArgument has set it, so typer's Arguments section lost it."""
+    import inspect
+
+    if command.callback is None:
+        return
+    declared = inspect.signature(command.callback).parameters
+    for param in command.params:
+        info = declared.get(param.name or "")
+        text = getattr(info.default, "help", None) if info is not None else None
+        if isinstance(param, click.Argument) and getattr(param, "help", None) is None and text:
+            param.help = text  # type: ignore[attr-defined]
 
 
 def _command(name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -223,11 +268,13 @@ def _logging(verbose: bool) -> None:
 @_command()
 def init(
     datadir: Path = typer.Argument(..., help="the new data directory (must not exist)"),
-    size: str = typer.Option("256MiB", "--size", help="approximate total size"),
-    page_size: int = typer.Option(16384, "--page-size"),
-    tables: int = typer.Option(4, "--tables", min=1, max=1000),
-    accounts: int = typer.Option(10000, "--accounts", min=2),
-    seed: int = typer.Option(0, "--seed"),
+    size: str = typer.Option("256MiB", "--size", help="approximate total size, bytes or "
+                             "a suffix (64MiB, 2GiB)"),
+    page_size: int = typer.Option(16384, "--page-size", help="bytes per page "
+                                  "(innodb_page_size)"),
+    tables: int = typer.Option(4, "--tables", min=1, max=1000, help="user tablespaces"),
+    accounts: int = typer.Option(10000, "--accounts", min=2, help="rows of bank/accounts"),
+    seed: int = typer.Option(0, "--seed", help="the same seed, the same data"),
     verbose: bool = _verbose_option(),
 ) -> None:
     """Create a new emulated InnoDB-style data directory."""
@@ -249,11 +296,13 @@ def init(
 
 @_command()
 def workload(
-    datadir: Path = typer.Argument(...),
+    datadir: Path = typer.Argument(..., help="the data directory to write to"),
     rate: int = typer.Option(0, "--rate", min=0, help="transactions per second (0: max)"),
-    duration: Optional[float] = typer.Option(None, "--duration", help="seconds"),
-    seed: int = typer.Option(0, "--seed"),
-    ddl_timeout: int = typer.Option(300, "--ddl-timeout"),
+    duration: Optional[float] = typer.Option(None, "--duration",
+                                             help="seconds (default: until stopped)"),
+    seed: int = typer.Option(0, "--seed", help="the same seed, the same transactions"),
+    ddl_timeout: int = typer.Option(300, "--ddl-timeout", help="seconds a DDL waits for a "
+                                    "clone's backup lock (clone_ddl_timeout)"),
     verbose: bool = _verbose_option(),
 ) -> None:
     """Run live writes (bank transfers through the redo log) until stopped."""
@@ -271,8 +320,8 @@ def workload(
 
 @_command()
 def verify(
-    datadir: Path = typer.Argument(...),
-    json_mode: bool = typer.Option(False, "--json"),
+    datadir: Path = typer.Argument(..., help="the data directory to check"),
+    json_mode: bool = typer.Option(False, "--json", help="one JSON object on stdout"),
     verbose: bool = _verbose_option(),
 ) -> None:
     """Check every page and the bank invariant, offline. Exit 0 when ok."""
@@ -300,11 +349,12 @@ def serve(
     datadir: Path = typer.Argument(..., help="the data directory to serve"),
     bind: str = typer.Option(..., "--bind", help="HOST:PORT to listen on"),
     workload: Optional[int] = typer.Option(None, "--workload",
-                                           help="also run the live workload at TPS"),
+                                           help="also run the live workload at TPS "
+                                           "transactions per second (0: max)"),
     readers: int = typer.Option(2, "--readers", min=1, max=64,
                                 help="reader processes (ours, not MySQL's)"),
     ddl_every: float = typer.Option(3.0, "--ddl-every", help="seconds between the workload's "
-                                    "DDL (0: none)"),
+                                    "DDL (default 3; 0: none)"),
     debug_sync: Optional[str] = typer.Option(
         None, "--debug-sync", hidden=True,
         help="POINT=N,...: pause at clone_file_copy / clone_page_copy / clone_redo_copy "
@@ -456,17 +506,34 @@ def pull(
     password_stdin: bool = typer.Option(False, "--password-stdin",
                                         help="read the password as one line of stdin "
                                         "(else CLONE_AGENT_PASSWORD)"),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file of clone_*"),
-    max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency"),
+    config_file: Optional[Path] = typer.Option(
+        None, "--config", help="a TOML file of clone_* variables (below flags and "
+        "CLONE_AGENT_* variables)"),
+    max_concurrency: Optional[int] = typer.Option(
+        None, "--max-concurrency", help="the most streams, 1 to 128 (default 16; "
+        "clone_max_concurrency)"),
     autotune_concurrency: Optional[bool] = typer.Option(
-        None, "--autotune-concurrency/--no-autotune-concurrency"),
-    max_data_bandwidth: Optional[int] = typer.Option(None, "--max-data-bandwidth"),
-    max_network_bandwidth: Optional[int] = typer.Option(None, "--max-network-bandwidth"),
+        None, "--autotune-concurrency/--no-autotune-concurrency",
+        help="start with one stream, add more while they pay (default on; "
+        "clone_autotune_concurrency)"),
+    max_data_bandwidth: Optional[str] = typer.Option(
+        None, "--max-data-bandwidth", help="MiB/s written, or 100M, 1G (default 0: "
+        "unlimited; clone_max_data_bandwidth)"),
+    max_network_bandwidth: Optional[str] = typer.Option(
+        None, "--max-network-bandwidth", help="MiB/s received, or 100M, 1G (default 0: "
+        "unlimited; clone_max_network_bandwidth)"),
     enable_compression: Optional[bool] = typer.Option(
-        None, "--enable-compression/--no-enable-compression"),
-    buffer_size: Optional[str] = typer.Option(None, "--buffer-size"),
-    ddl_timeout: Optional[int] = typer.Option(None, "--ddl-timeout"),
-    valid_donor_list: Optional[str] = typer.Option(None, "--valid-donor-list"),
+        None, "--enable-compression/--no-enable-compression",
+        help="compress on the network (default off; clone_enable_compression)"),
+    buffer_size: Optional[str] = typer.Option(
+        None, "--buffer-size", help="bytes per block, or 1MiB..256MiB (default 4MiB; "
+        "clone_buffer_size)"),
+    ddl_timeout: Optional[int] = typer.Option(
+        None, "--ddl-timeout", help="seconds to wait for the donor's backup lock "
+        "(default 300; clone_ddl_timeout)"),
+    valid_donor_list: Optional[str] = typer.Option(
+        None, "--valid-donor-list", help="HOST:PORT,... the only donors allowed "
+        "(default: any; clone_valid_donor_list)"),
     require_ssl: Optional[bool] = typer.Option(
         None, "--require-ssl/--require-no-ssl",
         help="fail unless the clone is encrypted / ask for a plain one; default: "
@@ -475,10 +542,12 @@ def pull(
         None, "--ssl-ca", help="the donor's public key (its PREFIX.pub): the clone fails "
         "unless the donor holds it"),
     connect_timeout: float = typer.Option(10.0, "--connect-timeout",
-                                          help="seconds to reach the donor (ours)"),
+                                          help="seconds to reach the donor (ours, not "
+                                          "MySQL's)"),
     writers: int = typer.Option(2, "--writers", min=1, max=32, hidden=True,
                                 help="writer processes (ours, not MySQL's)"),
-    json_mode: bool = typer.Option(False, "--json", help="NDJSON events on stdout"),
+    json_mode: bool = typer.Option(False, "--json", help="NDJSON events on stdout, the "
+                                   "last one the summary (default off)"),
     verbose: bool = _verbose_option(),
 ) -> None:
     """The recipient: clone the donor's data directory."""
@@ -518,7 +587,7 @@ def pull(
 def clone_local(
     datadir: Path = typer.Argument(..., help="the data directory to copy"),
     data_dir: str = typer.Option(..., "--data-dir", help="the new absolute path"),
-    json_mode: bool = typer.Option(False, "--json"),
+    json_mode: bool = typer.Option(False, "--json", help="NDJSON events on stdout"),
     verbose: bool = _verbose_option(),
 ) -> None:
     """CLONE LOCAL DATA DIRECTORY: the same snapshot, without a network."""
@@ -617,10 +686,11 @@ def demo(
 
 @_command()
 def bench(
-    quick: bool = typer.Option(False, "--quick"),
-    json_mode: bool = typer.Option(False, "--json"),
+    quick: bool = typer.Option(False, "--quick", help="smaller data, fewer rounds"),
+    json_mode: bool = typer.Option(False, "--json", help="the report as one JSON object"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for JSON and charts"),
-    rounds: Optional[int] = typer.Option(None, "--rounds"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="interleaved rounds "
+                                         "(default 3, 2 with --quick)"),
     link: bool = typer.Option(False, "--link", help="only the rate-limited link benchmark "
                               "(two network namespaces; needs root)"),
     shape: Optional[str] = typer.Option(None, "--shape", help="only the data shapes whose "
@@ -725,7 +795,7 @@ def user_remove(
 @user_app.command("list", cls=_Command)
 def user_list(
     users: Path = typer.Option(..., "--users", help="the users file"),
-    json_mode: bool = typer.Option(False, "--json"),
+    json_mode: bool = typer.Option(False, "--json", help="a JSON list on stdout"),
     verbose: bool = _verbose_option(),
 ) -> None:
     """List the users and their privileges."""
@@ -759,6 +829,25 @@ def main() -> None:
     sys.exit(status)
 
 
+def _usage_error(exc: click.UsageError) -> None:
+    """click's usage error in MySQL's form (8001) with a hint naming the command's help,
+    not click's "Usage: ... Error: ..." block; with --json, also its JSON object."""
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+        exc.show()  # no arguments at all: the help says it all
+        return
+    message = " ".join(exc.format_message().split())
+    err = UsageError(message)
+    names: list[str] = []
+    ctx: click.Context | None = exc.ctx
+    while ctx is not None and ctx.parent is not None:  # the root's name is "python -m ..."
+        names.insert(0, ctx.info_name or "")
+        ctx = ctx.parent
+    sys.stderr.write(err.line() + "\n")
+    sys.stderr.write(f"hint: see `{' '.join(['clone-agent', *names])} --help`\n")
+    if "--json" in sys.argv[1:]:
+        sys.stdout.write(orjson.dumps(err.to_dict()).decode() + "\n")
+
+
 def _run() -> int:
     """Run the command line; its exit status. Not click's standalone mode, whose usage
     errors typer draws in a box that wraps long lines: here they are click's plain
@@ -768,6 +857,9 @@ def _run() -> int:
     except KeyboardInterrupt:
         sys.stderr.write(_INTERRUPTED)
         return interrupted_status(_signal_seen)
+    except click.UsageError as exc:  # the parser's: one ERROR line, as any other error
+        _usage_error(exc)
+        return exc.exit_code
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code

@@ -52,6 +52,25 @@ def parse_size(text: str | int) -> int:
     return int(m.group(1)) * _UNITS[unit]
 
 
+_RATE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?)?\s*(/s)?\s*$", re.IGNORECASE)
+
+
+def parse_bandwidth(text: str | int) -> int:
+    """A bandwidth -> whole MiB/s, as MySQL's clone_max_*_bandwidth count it: a plain
+    number is MiB/s (``100``); a suffix is binary (``100M``, ``100MiB/s``, ``1G`` = 1024,
+    ``2048K`` = 2). A value that is not a whole number of MiB/s is refused, not rounded."""
+    if isinstance(text, int):
+        return text
+    m = _RATE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"not a bandwidth: {text!r} (MiB/s, or a suffix such as 1G)")
+    unit = (m.group(2) or "M").upper()[:1]
+    nbytes = int(m.group(1)) * _UNITS[unit]
+    if nbytes % MiB:
+        raise ValueError(f"not a whole number of MiB/s: {text!r}")
+    return nbytes // MiB
+
+
 @dataclass(frozen=True)
 class Variable:
     """One clone_* variable: its type, default and range, as MySQL defines them."""
@@ -66,6 +85,8 @@ class Variable:
     def describe_range(self) -> str:
         if self.kind is bool:
             return "ON or OFF"
+        if self.unit == "MiB/s":
+            return f"{self.low} to {self.high} MiB/s (or a suffix: 100M, 1G)"
         if self.low is not None:
             return f"{self.low} to {self.high}{(' ' + self.unit) if self.unit else ''}"
         return "a string"
@@ -148,7 +169,8 @@ def coerce(name: str, value: Any) -> Any:
         if isinstance(value, bool):
             raise _bad(var, value)
         try:
-            number = parse_size(value) if var.unit == "bytes" else int(str(value).strip())
+            number = parse_size(value) if var.unit == "bytes" else \
+                parse_bandwidth(value) if var.unit == "MiB/s" else int(str(value).strip())
         except ValueError:
             raise _bad(var, value) from None
         assert var.low is not None and var.high is not None

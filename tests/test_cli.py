@@ -79,15 +79,15 @@ def test_options_that_are_not_implemented_are_not_offered(args: tuple[str, ...],
                                                           option: str) -> None:
     res = run_cli(*args)
     assert res.returncode == 2
-    assert any(line.startswith(f"Error: No such option '{option}'.")
-               for line in res.stderr.splitlines()), res.stderr
+    assert res.stderr.startswith(f"ERROR 8001 (HY000): No such option '{option}'"), res.stderr
     assert option not in run_cli(args[0], "--help").stdout
 
 
 def test_pull_needs_a_data_dir() -> None:
     res = run_cli("pull", "u@127.0.0.1:1")
     assert res.returncode == 2
-    assert res.stderr.splitlines()[-1] == "Error: Missing option '--data-dir'."
+    assert res.stderr.splitlines() == ["ERROR 8001 (HY000): Missing option '--data-dir'.",
+                                       "hint: see `clone-agent pull --help`"]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -123,8 +123,10 @@ def test_a_repeated_option_is_a_usage_error(tmp_path: Path, args: tuple[str, ...
         args = tuple(a.replace(key, value) for a in args)
     res = run_cli(*args)
     assert res.returncode == 2, res.stderr
-    assert res.stderr.splitlines()[-1] == f"Error: {message}"
-    assert res.stdout == ""  # nothing ran: no "ready", no output of the command
+    assert res.stderr.splitlines()[0] == f"ERROR 8001 (HY000): {message}"
+    # nothing ran: no "ready", no output of the command; with --json, the error's object
+    expected = json.dumps({"error_no": 8001, "error_message": message}, separators=(",", ":"))
+    assert res.stdout in ("", expected + "\n")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
