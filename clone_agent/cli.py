@@ -376,6 +376,9 @@ def serve(
     allow_anonymous: bool = typer.Option(
         False, "--allow-anonymous", help="let anyone who reaches the port clone, without a "
         "user (only on a trusted network)"),
+    metrics_addr: Optional[str] = typer.Option(
+        None, "--metrics-addr", help="HOST:PORT: serve Prometheus metrics at "
+        "http://HOST:PORT/metrics (default: none)"),
     verbose: bool = _verbose_option(),
 ) -> None:
     """The donor agent: serve DATADIR until SIGINT/SIGTERM."""
@@ -411,9 +414,32 @@ def serve(
             sys.stdout.write(f"ready {h}:{p}\n")
             sys.stdout.flush()
 
-        with StopFlag("the donor") as stop:
+        with _metrics(metrics_addr, server.stats, "donor"), StopFlag("the donor") as stop:
             server.serve(should_stop=stop, on_ready=ready)
         log.info("donor stopped")
+
+
+@contextmanager
+def _metrics(addr: str | None, stats: Any, role: str) -> Iterator[None]:
+    """Prometheus metrics at http://ADDR/metrics while the block runs (--metrics-addr)."""
+    if addr is None:
+        yield
+        return
+    from engine.metrics import serve_metrics
+    from engine.transport import parse_hostport
+
+    host, port = parse_hostport(addr)
+    try:
+        served = serve_metrics(host, port, stats, role)
+        port_of = served.__enter__()
+    except OSError as exc:
+        raise UsageError(f"cannot serve metrics on {addr}: {exc.strerror or exc}",
+                         hint="choose a free --metrics-addr") from None
+    log.info("metrics at http://%s:%d/metrics", host, port_of())
+    try:
+        yield
+    finally:
+        served.__exit__(None, None, None)
 
 
 def _print_line(text: str) -> None:
@@ -463,17 +489,29 @@ def _password(password_stdin: bool) -> str | None:
 
 
 def _run_pull(make: Callable[[Any, Callable[[], bool]], Any], json_mode: bool,
-              what: str) -> None:
+              what: str, metrics_addr: str | None = None) -> None:
     from clone_agent.progress import Reporter
+    from engine.metrics import RecipientStats
 
     reporter = Reporter(json_mode)
+    stats = RecipientStats()
+
+    def emit(event: dict[str, Any]) -> None:
+        stats.observe(event)  # the metrics read the same events as the display
+        reporter(event)
+
     try:
-        with _errors(json_mode), StopFlag(what) as stop:
+        with _errors(json_mode), _metrics(metrics_addr, stats, "recipient"), \
+                StopFlag(what) as stop:
+            ok = False
             try:
-                summary = make(reporter, stop)
+                summary = make(emit, stop)
+                ok = True
             except KeyboardInterrupt:
                 from engine.errors import QueryInterrupted
                 raise QueryInterrupted() from None
+            finally:
+                stats.end(ok)
     finally:
         reporter.close()
     if json_mode:
@@ -548,6 +586,9 @@ def pull(
                                 help="writer processes (ours, not MySQL's)"),
     json_mode: bool = typer.Option(False, "--json", help="NDJSON events on stdout, the "
                                    "last one the summary (default off)"),
+    metrics_addr: Optional[str] = typer.Option(
+        None, "--metrics-addr", help="HOST:PORT: serve Prometheus metrics at "
+        "http://HOST:PORT/metrics while the clone runs (default: none)"),
     verbose: bool = _verbose_option(),
 ) -> None:
     """The recipient: clone the donor's data directory."""
@@ -580,7 +621,7 @@ def pull(
                                    connect_timeout=connect_timeout, should_stop=stop,
                                    emit=reporter, writers=writers, ssl=ssl, pinned=pinned))
 
-    _run_pull(make, json_mode, "the clone")
+    _run_pull(make, json_mode, "the clone", metrics_addr)
 
 
 @_command("clone-local")

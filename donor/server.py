@@ -39,6 +39,7 @@ from engine.errors import (
     TooManyClones,
     UsageError,
 )
+from engine.metrics import DonorStats
 from engine.pagestore import PageStore, Workload, is_paged
 from engine.ring import Ring, sweep_stale
 from engine.stage import Pipeline, calm_gc
@@ -122,6 +123,8 @@ class DonorServer:
         self.poller = zmq.Poller()
         self.key = key if key is not None else crypto.StaticKey.generate()
         self.gate = Gate(users, self.key, require_secure_transport)
+        #: counts for --metrics-addr and `status --donor` (engine/metrics.py)
+        self.stats = DonorStats(auth_failures=lambda: self.gate.auth_failures)
 
     # -- lifetime -------------------------------------------------------------------
     def serve(self, should_stop: Callable[[], bool],
@@ -381,6 +384,7 @@ class DonorServer:
         self.session = s = Session(self, clone_id, ident, init,
                                    conn.keys.data if conn.keys is not None else None)
         conn.in_clone = True
+        self.stats.who(clone_id, s.user, conn.peer or "local")
         if self.gate.anonymous and self.url is None:
             log.warning("clone %d by an anonymous user from %s (--allow-anonymous)",
                         clone_id, conn.peer or "local")
@@ -432,6 +436,7 @@ class DonorServer:
                          printable(ex_.error_message))
             else:
                 log.info("clone %d completed (%d blocks)", s.clone_id, s.acked)
+            self.stats.end(s.clone_id, ex_.ok, ex_.error_no, printable(ex_.error_message))
             self.end_session(None, send_error=False)
         else:
             raise ProtocolError(f"unexpected command {msg.name}")
@@ -497,6 +502,8 @@ class DonorServer:
         if s is None:
             return
         self.session = None
+        self.stats.end(s.clone_id, False, *((err.errno, err.message) if err is not None
+                                            else (0, "the recipient left")))
         self._releasing += s.end(err, send_error)
         self.gate.forget(s.streams)
         if self.readers is not None:

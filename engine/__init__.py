@@ -15,5 +15,6 @@
 | fsutil     | durable writes, syncfs, the checks applied to every name from the network |
 | status     | clone_status / clone_progress, persisted under #clone/                   |
 | throttle   | bandwidth limits shared by several processes (a token bucket in shm)      |
+| metrics    | donor and recipient counts, their Prometheus exposition (--metrics-addr)  |
 | pagestore/ | the emulated InnoDB-style store: pages, redo, tracking, archiving, recovery |
 """

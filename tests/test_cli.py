@@ -69,8 +69,6 @@ def test_an_unexpected_error_with_json_ends_with_its_object(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("args,option", [
-    (("serve", "/nonexistent", "--bind", "127.0.0.1:1", "--metrics-addr", "127.0.0.1:9"),
-     "--metrics-addr"),
     (("pull", "u@127.0.0.1:1", "--replace", "/x"), "--replace"),
     (("pull", "u@127.0.0.1:1", "--data-dir", "/x/y", "--donor-timeout-after-network-failure",
       "5"), "--donor-timeout-after-network-failure"),
