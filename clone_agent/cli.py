@@ -459,11 +459,11 @@ def _pairs(text: str | None, kind: Callable[[str], Any]) -> dict[str, Any]:
 
 
 # -- pull -------------------------------------------------------------------------------
-def _parse_source(source: str) -> tuple[str, str, int]:
+def _parse_source(source: str, anonymous: bool = False) -> tuple[str, str, int]:
     from engine.transport import parse_hostport
 
     user, at, hostport = source.rpartition("@")
-    if not at or not user:
+    if not at or not (user or anonymous):
         raise UsageError(f"'{source}' is not USER@HOST:PORT", hint="e.g. clone@10.0.0.5:3310")
     host, port = parse_hostport(hostport)
     return user, host, port
@@ -678,10 +678,19 @@ def status(
     watch: bool = typer.Option(False, "--watch", help="refresh every second until the clone "
                                "ends: in place on a terminal, one block after another "
                                "otherwise"),
+    donor: Optional[str] = typer.Option(
+        None, "--donor", help="[USER@]HOST:PORT: ask that donor for its running or last "
+        "clone instead (authenticated as a pull)"),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="with --donor: "
+                                        "read the password as one line of stdin"),
+    require_ssl: Optional[bool] = typer.Option(
+        None, "--require-ssl/--require-no-ssl", help="with --donor: as pull's"),
+    ssl_ca: Optional[Path] = typer.Option(None, "--ssl-ca", help="with --donor: the "
+                                          "donor's public key, pinned"),
     verbose: bool = _verbose_option(),
 ) -> None:
     """Show clone_status and clone_progress for the clone into DEST, or list the recent
-    clones. Exits 1 when the clone failed."""
+    clones, or (--donor) a donor's running or last clone. Exits 1 when the clone failed."""
     if verbose:
         _logging(verbose)
     from clone_agent.statusview import Redraw, render_list, render_one
@@ -689,6 +698,11 @@ def status(
     from engine.status import FAILED, IN_PROGRESS, list_history, present
 
     with _errors(json_mode):
+        if donor is not None:
+            if dest is not None:
+                raise UsageError("give DEST or --donor, not both")
+            _donor_status(donor, json_mode, watch, password_stdin, require_ssl, ssl_ca)
+            return
         if dest is None:
             if watch:
                 raise UsageError("--watch follows one clone: give its DEST")
@@ -706,6 +720,33 @@ def status(
             time.sleep(1.0)  # --watch refreshes a display; it waits for no peer
     if state == FAILED:
         raise typer.Exit(1)  # a script can test the outcome without parsing
+
+
+def _donor_status(donor: str, json_mode: bool, watch: bool, password_stdin: bool,
+                  require_ssl: bool | None, ssl_ca: Path | None) -> None:
+    """status --donor: STATUS to the donor, once or every second while it clones."""
+    from clone_agent.statusview import Redraw, render_donor
+    from recipient.donorstatus import donor_status
+    from recipient.transfer import Security
+
+    user, host, port = _parse_source(donor if "@" in donor else f"@{donor}", anonymous=True)
+    ssl = "prefer" if require_ssl is None else "require" if require_ssl else "none"
+    pinned = None
+    if ssl_ca is not None:
+        from engine.crypto import load_public
+
+        pinned = load_public(str(ssl_ca))
+    security = Security(user=user, password=_password(password_stdin), ssl=ssl,
+                        pinned=pinned)
+    screen = Redraw(sys.stdout)
+    while True:
+        view = donor_status(host, port, security)
+        screen.show(orjson.dumps(view).decode() + "\n" if json_mode
+                    else render_donor(f"{host}:{port}", view))
+        clone = view.get("clone") or {}
+        if not watch or clone.get("state") != "In Progress":
+            return
+        time.sleep(1.0)  # --watch refreshes a display; it waits for no peer
 
 
 # -- demo and bench ---------------------------------------------------------------------

@@ -59,3 +59,27 @@ class Redraw:
         self.out.write(text)
         self.out.flush()
         self._lines = text.count("\n")
+
+
+def render_donor(where: str, view: dict[str, Any]) -> str:
+    """``status --donor``: the donor's counters, its running or last clone, and that
+    clone's stage events (performance_schema's names and units)."""
+    clones = view["clones"]
+    lines = [f"donor {where}: Com_clone {view['com_clone']}, completed "
+             f"{clones['completed']}, failed {clones['failed']}, authentication failures "
+             f"{view['auth_failures']}"]
+    clone = view.get("clone")
+    if not clone:
+        lines.append("no clone yet")
+        return "\n".join(lines) + "\n"
+    lines.append(f"clone {clone['id']}: {clone['state']}, user '{clone['user']}' from "
+                 f"{clone['recipient'] or '?'}, streams {view['streams']}")
+    lines.append(f"      begin_time: {clone['begin_time']}")
+    lines.append(f"        end_time: {clone['end_time']}")
+    if clone["error_no"] or clone["error_message"]:
+        lines.append(f"           error: {clone['error_no']} {clone['error_message']}")
+    lines.append("")
+    lines.append(f"{'EVENT':<26} {'WORK_COMPLETED':>15} {'WORK_ESTIMATED':>15}")
+    for ev in view["stages"]:
+        lines.append(f"{ev['event']:<26} {ev['work_completed']:>15} {ev['work_estimated']:>15}")
+    return "\n".join(lines) + "\n"

@@ -359,6 +359,9 @@ class DonorServer:
                 self.send(ident, P.AUTH_REPLY, reply_.to_body())
             elif msg.kind == P.INIT:
                 self._on_init(ident, M.Init.from_body(msg.body))
+            elif msg.kind == P.STATUS:  # who may clone may see the clones (gate.py)
+                self.gate.may_clone(ident)
+                self.send(ident, P.STATUS_REPLY, self.stats.view())
             else:
                 self._dispatch(ident, msg)
         except _Delayed:

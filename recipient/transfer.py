@@ -282,6 +282,14 @@ class Transfer:
         self._authenticate(reply)
         self.send(0, P.INIT, init)
 
+    def ask_status(self) -> dict[str, Any]:
+        """STATUS on a stream of its own, after the same handshake and authentication
+        as a clone: the donor's running or last clone (engine/metrics.py's view)."""
+        reply = self._open_streams(0, 1)[0]
+        self._authenticate(reply)
+        self.send(0, P.STATUS, M.StatusAsk())
+        return self.expect(0, P.STATUS_REPLY, "STATUS", self.t.connect).body
+
     def config(self) -> M.Config:
         msg = self.expect(0, P.CONFIG, "INIT", self.t.connect)
         cfg = M.Config.from_body(msg.body, self.block_size)
