@@ -382,7 +382,9 @@ def serve(
     verbose: bool = _verbose_option(),
 ) -> None:
     """The donor agent: serve DATADIR until SIGINT/SIGTERM."""
-    _logging(verbose)
+    from clone_agent.systemd import Notifier, service_logging
+
+    service_logging(verbose)
     from donor.server import DonorServer
     from engine.auth import UsersFile
     from engine.crypto import load_private
@@ -410,12 +412,27 @@ def serve(
                              key=load_private(str(key)) if key is not None else None,
                              require_secure_transport=require_secure_transport)
 
+        notifier = Notifier()
+
         def ready(h: str, p: int) -> None:
             sys.stdout.write(f"ready {h}:{p}\n")
             sys.stdout.flush()
+            notifier.notify("READY=1", f"STATUS=serving {datadir} on {h}:{p}",
+                            f"MAINPID={os.getpid()}")
 
-        with _metrics(metrics_addr, server.stats, "donor"), StopFlag("the donor") as stop:
-            server.serve(should_stop=stop, on_ready=ready)
+        def stopping() -> bool:
+            if stop():
+                notifier.stopping()  # systemd hears it at the first signal
+                return True
+            return False
+
+        try:
+            with _metrics(metrics_addr, server.stats, "donor"), \
+                    StopFlag("the donor") as stop:
+                server.serve(should_stop=stopping, on_ready=ready)
+        finally:
+            notifier.stopping()  # also when serve failed: systemd stops waiting
+            notifier.close()
         log.info("donor stopped")
 
 
