@@ -308,7 +308,7 @@ class ConfigError(CloneError):
     TOML. Its own number, since 3869 speaks of the donor list; a usage error (exit 2),
     as mysqld refuses to start on a bad option file."""
 
-    errno = 8008
+    errno = 8010
     template = "Configuration error: %s"
     exit_status = EXIT_USAGE
 

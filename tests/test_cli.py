@@ -140,7 +140,7 @@ def test_a_misspelt_setting_in_the_environment_is_refused(tmp_path: Path) -> Non
                   env={"CLONE_AGENT_MAX_CONCURENCY": "3"})
     assert res.returncode == 2
     err = res.stderr.splitlines()
-    assert err[0] == ("ERROR 8008 (HY000): Configuration error: unknown variable "
+    assert err[0] == ("ERROR 8010 (HY000): Configuration error: unknown variable "
                       "'CLONE_AGENT_MAX_CONCURENCY' in the environment")
     assert err[1].startswith("hint: did you mean CLONE_AGENT_MAX_CONCURRENCY? known: ")
     assert len(err) == 2 and not dest.exists()
@@ -148,11 +148,11 @@ def test_a_misspelt_setting_in_the_environment_is_refused(tmp_path: Path) -> Non
                   env={"CLONE_AGENT_SSL_CA": "/k.pub"})
     assert res.returncode == 2
     assert res.stderr.splitlines() == [
-        "ERROR 8008 (HY000): Configuration error: unknown variable "
+        "ERROR 8010 (HY000): Configuration error: unknown variable "
         "'CLONE_AGENT_SSL_CA' in the environment",
         "hint: CLONE_AGENT_SSL_CA is not implemented in this build: remove it",
     ]
-    assert json.loads(res.stdout.splitlines()[-1])["error_no"] == 8008
+    assert json.loads(res.stdout.splitlines()[-1])["error_no"] == 8010
     assert not dest.exists()
 
 
@@ -163,7 +163,7 @@ def test_an_unknown_key_in_the_config_file_is_refused(tmp_path: Path) -> None:
     res = run_cli("pull", "u@127.0.0.1:1", "--data-dir", str(dest), "--config", str(toml))
     assert res.returncode == 2
     assert res.stderr.splitlines() == [
-        "ERROR 8008 (HY000): Configuration error: unknown variable 'block_ddl' "
+        "ERROR 8010 (HY000): Configuration error: unknown variable 'block_ddl' "
         f"in {toml}",
         "hint: block_ddl is not implemented in this build: remove it",
     ]

@@ -72,7 +72,7 @@ def test_the_catch_all_and_unknown_variables() -> None:
     assert E.exit_status(E.Unexpected.of(RuntimeError())) == 1
     assert type(E.by_number(8000, "x")) is E.CloneError  # the base class keeps its number
     unknown = E.UnknownVariable("unknown variable 'x' in f")
-    assert isinstance(unknown, E.ConfigError) and unknown.errno == 8008
+    assert isinstance(unknown, E.ConfigError) and unknown.errno == 8010
     assert E.exit_status(unknown) == E.EXIT_USAGE
     assert E.EXIT_STATUS_TABLE[E.UnknownVariable] == 2
     assert E.EXIT_STATUS_TABLE[E.Unexpected] == 1

@@ -67,10 +67,10 @@ def test_a_refused_destination_is_3(tmp_path: Path) -> None:
     assert res.returncode == 3 and "ERROR 8004" in res.stderr, res.stderr
 
 
-def test_a_configuration_error_is_8008_and_2(tmp_path: Path) -> None:
+def test_a_configuration_error_is_8010_and_2(tmp_path: Path) -> None:
     res = run_cli("pull", f"u@127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "c"),
                   "--config", str(tmp_path / "missing.toml"))
-    assert res.returncode == 2 and "ERROR 8008 (HY000): Configuration error:" in res.stderr
+    assert res.returncode == 2 and "ERROR 8010 (HY000): Configuration error:" in res.stderr
 
 
 def test_an_unreachable_donor_is_5(tmp_path: Path) -> None:
