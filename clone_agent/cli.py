@@ -727,7 +727,7 @@ def status(
             sys.stdout.write(orjson.dumps(rows).decode() + "\n" if json_mode
                              else render_list(rows))
             return
-        screen = Redraw(sys.stdout)
+        screen = Redraw(sys.stdout, json_mode)
         while True:
             data = _status_view(str(dest))
             screen.show(orjson.dumps(data).decode() + "\n" if json_mode else render_one(data))
@@ -755,7 +755,7 @@ def _donor_status(donor: str, json_mode: bool, watch: bool, password_stdin: bool
         pinned = load_public(str(ssl_ca))
     security = Security(user=user, password=_password(password_stdin), ssl=ssl,
                         pinned=pinned)
-    screen = Redraw(sys.stdout)
+    screen = Redraw(sys.stdout, json_mode)
     while True:
         view = donor_status(host, port, security)
         screen.show(orjson.dumps(view).decode() + "\n" if json_mode

@@ -46,15 +46,17 @@ class Redraw:
     """Writes a block of text; on a terminal the next block replaces the previous one
     (cursor up over its lines, clear to the end), elsewhere it follows it."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, json_mode: bool = False) -> None:
+        """``json_mode``: one object a line, each kept (NDJSON), never redrawn."""
         self.out = out
-        self.tty = out.isatty()
+        self.json_mode = json_mode
+        self.tty = out.isatty() and not json_mode
         self._lines = 0
 
     def show(self, text: str) -> None:
         if self.tty and self._lines:
             self.out.write(f"\x1b[{self._lines}F\x1b[J")  # CPL n, then ED: erase below
-        elif self._lines:
+        elif self._lines and not self.json_mode:
             self.out.write("\n")  # plain: blocks apart, one after the other
         self.out.write(text)
         self.out.flush()
