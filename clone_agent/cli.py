@@ -934,7 +934,11 @@ def _usage_error(exc: click.UsageError) -> None:
     if isinstance(exc, click.exceptions.NoArgsIsHelpError):
         exc.show()  # no arguments at all: the help says it all
         return
+    import re
+
     message = " ".join(exc.format_message().split())
+    # click 8.5 and typer both append their suggestion to an unknown command: say it once
+    message = re.sub(r"( Did you mean [^?]*\?)\1+", r"\1", message)
     err = UsageError(message)
     names: list[str] = []
     ctx: click.Context | None = exc.ctx

@@ -58,12 +58,14 @@ def test_short_help_and_version() -> None:
 def test_a_usage_error_is_one_error_line_and_a_hint() -> None:
     res = run_cli("pull", "u@127.0.0.1:1", "--data-dir", "/x/y", "--no-such", "--json")
     assert res.returncode == 2
-    assert res.stderr.splitlines() == [
-        "ERROR 8001 (HY000): No such option: --no-such",
-        "hint: see `clone-agent pull --help`"] or \
-        res.stderr.startswith("ERROR 8001 (HY000): No such option"), res.stderr
+    assert res.stderr.splitlines() == ["ERROR 8001 (HY000): No such option '--no-such'.",
+                                       "hint: see `clone-agent pull --help`"], res.stderr
     assert "Usage:" not in res.stderr and "╭" not in res.stderr
     assert json.loads(res.stdout.splitlines()[-1])["error_no"] == 8001
+    res = run_cli("statux")
+    assert res.returncode == 2 and res.stderr.splitlines() == [
+        "ERROR 8001 (HY000): No such command 'statux'. Did you mean 'status'?",
+        "hint: see `clone-agent --help`"], res.stderr
 
 
 @pytest.mark.parametrize("value,ok", [("100", True), ("100M", True), ("1G", True),
