@@ -3,7 +3,9 @@
 Signals are handled here only, never in a worker: the first Ctrl-C or SIGTERM asks the
 running clone or server to stop at a safe point and says so; the second aborts.
 Every expected failure is a CloneError, printed as ``ERROR N (SQLSTATE): message``
-plus ``hint: ...``, and mapped to an exit status by :func:`engine.errors.exit_status`.
+plus ``hint: ...``, and mapped to an exit status by :func:`engine.errors.exit_status`
+(an interruption, 1317, exits 130 or 143 by the signal StopFlag saw). A usage error of
+the parser is ERROR 8001 too, with a hint naming the command's ``--help``.
 Anything else is a bug or a failure nobody foresaw: ``ERROR 8000 (HY000): <type>:
 <message>``, exit 1, and its traceback only with ``-v`` (standard form: never the local
 variables, which hold the password and the configuration). A single-valued option given
@@ -12,6 +14,12 @@ twice is a usage error (exit 2), never "the last one wins".
 The password (``CLONE_AGENT_PASSWORD`` or ``--password-stdin``) never reaches argv, a log,
 a status file or a child process: :func:`main` takes it out of the environment before
 any command runs, so that no process started later inherits it.
+
+This module is past STYLE's 600 lines: one function per command, with what only the
+command line may do (signals, the environment, the terminal). What renders lives
+beside it (progress.py, statusview.py, systemd.py); splitting the commands by group
+(clone, status, users) is left until the branches that add options here have merged,
+as a move now would conflict with each of them.
 """
 
 from __future__ import annotations
