@@ -165,11 +165,15 @@ class Reporter:
 
     # -- the live display -------------------------------------------------------------
     def _rich(self, event: dict[str, Any]) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn
 
         if self._progress is None:
+            # on stderr, as docs/cli.md says (rich's default console is stdout, which
+            # --json and scripts own)
             self._progress = Progress(TextColumn("{task.description:<10}"), BarColumn(),
-                                      TextColumn("{task.fields[info]}"), transient=False)
+                                      TextColumn("{task.fields[info]}"), transient=False,
+                                      console=Console(file=self.err))
             self._progress.start()
             self._tasks["overall"] = self._progress.add_task("overall", total=1, info="")
         stage = event.get("stage")

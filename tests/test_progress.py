@@ -92,3 +92,46 @@ def test_a_real_clone_reports_percent_and_eta(tmp_path: Path) -> None:
                      plain.stderr), plain.stderr
     assert re.search(r"\n32\.0 MiB in \d+\.\d s \(\d+\.\d MiB/s\)\n$", plain.stderr), \
         plain.stderr
+
+
+def test_a_terminal_gets_a_row_per_stage_and_an_overall_one(tmp_path: Path) -> None:
+    import pty
+    import select
+    import subprocess
+
+    from tests.helpers import CLI, ROOT
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(4 << 20))
+    with Donor(src) as donor:
+        main, sub = pty.openpty()
+        proc = subprocess.Popen([*CLI, "pull", f"u@{donor.address}", "--data-dir",
+                                 str(tmp_path / "c")], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=sub, cwd=ROOT,
+                                env={**os.environ, "COLUMNS": "120"})
+        os.close(sub)
+        seen = b""
+        try:
+            while True:  # until the pull closes its end of the terminal
+                if select.select([main], [], [], 30)[0]:
+                    try:
+                        chunk = os.read(main, 65536)
+                    except OSError:  # EIO: closed
+                        break
+                    if not chunk:
+                        break
+                    seen += chunk
+                elif proc.poll() is not None:
+                    break
+            assert proc.wait(timeout=60) == 0, seen
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            os.close(main)
+    text = seen.decode(errors="replace")
+    for row in ("DROP DATA", "FILE COPY", "FILE SYNC", "overall"):
+        assert row in text, text
+    assert "4.0 MiB" in text and "100.0%" in text and "MB/s" not in text
+    assert re.search(r"4\.0 MiB in \d+\.\d s \(\d+\.\d [KMG]iB/s\)", text), text
