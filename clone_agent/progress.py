@@ -184,8 +184,12 @@ class Reporter:
         if task is None:
             task = self._tasks[stage] = self._progress.add_task(stage, total=total, info="")
         done = total if event.get("percent") == 100.0 else int(event.get("data") or 0)
-        info = (f"{_pct(event.get('percent'))}  {human(done)} of {human(total)}  "
-                f"{human(event.get('data_speed') or 0)}/s  ETA {duration(event.get('eta'))}")
+        if not event.get("estimate") and not event.get("data"):  # DROP DATA: no bytes
+            info = str(event.get("state") or "")
+        else:
+            info = (f"{_pct(event.get('percent'))}  {human(done)} of {human(total)}  "
+                    f"{human(event.get('data_speed') or 0)}/s  "
+                    f"ETA {duration(event.get('eta'))}")
         self._progress.update(task, completed=done, total=total, info=info)
         moved, estimated = self.overall()
         self._progress.update(self._tasks["overall"], completed=moved,
