@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from engine.errors import StageCrashed
 from engine.status import StatusBook
 from tests.helpers import CLI, ROOT, free_port, run_cli
 
@@ -90,3 +91,32 @@ def test_watch_redraws_in_place_on_a_terminal(tmp_path: Path) -> None:
     text = seen.decode()
     assert "error_no: 0" in text and "1317" not in text  # running: no error shown
     assert "Completed" in text
+
+
+def test_watch_elsewhere_prints_one_block_after_another(tmp_path: Path) -> None:
+    dest = tmp_path / "d"
+    dest.mkdir()
+    book = StatusBook("h:1", str(dest))
+    book.attach(str(dest))
+    book.begin()
+    book.begin_stage("FILE COPY", estimate=1 << 20)
+    proc = subprocess.Popen([*CLI, "status", str(dest), "--watch"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        blocks = 0
+        deadline = time.monotonic() + 30
+        while blocks < 2 and time.monotonic() < deadline:
+            if proc.stdout.readline().startswith("STAGE"):
+                blocks += 1
+        book.end_stage("FILE COPY")
+        book.fail(StageCrashed("writer 0", "gone"))
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1  # it ended Failed
+    assert "\x1b[" not in out and "Failed" in out
+    res = run_cli("status", "--watch")
+    assert res.returncode == 2 and "ERROR 8001" in res.stderr
