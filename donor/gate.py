@@ -65,6 +65,7 @@ class Gate:
         self.conns: dict[bytes, Conn] = {}
         self._secret = os.urandom(32)  #: for the verifiers of unknown users
         self._failures: dict[str, tuple[int, float]] = {}  # peer -> (count, last)
+        self.auth_failures = 0  #: every failed proof since the start (metrics)
         #: replies held back for a failed password: (when, ident, error)
         self.delayed: list[tuple[float, bytes, Exception]] = []
 
@@ -148,6 +149,7 @@ class Gate:
         """A wrong password or an unknown user: one answer, later at each failure."""
         count, _ = self._failures.get(conn.peer, (0, 0.0))
         count += 1
+        self.auth_failures += 1
         now = time.monotonic()
         self._failures[conn.peer] = (count, now)
         delay = min(PENALTY_BASE * 2 ** (count - 1), PENALTY_MAX)

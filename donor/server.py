@@ -42,6 +42,7 @@ from engine.errors import (
     TooManyClones,
     UsageError,
 )
+from engine.metrics import DonorStats
 from engine.pagestore import PageStore, Workload, is_paged
 from engine.ring import Ring, sweep_stale
 from engine.stage import Pipeline, calm_gc
@@ -128,6 +129,8 @@ class DonorServer:
         #: the local control channel (a `pull --replace` of this directory: RESTART)
         self.control: ServeControl | None = None
         self.released = False  #: the directory is let go for a replace
+        #: counts for --metrics-addr and `status --donor` (engine/metrics.py)
+        self.stats = DonorStats(auth_failures=lambda: self.gate.auth_failures)
 
     # -- lifetime -------------------------------------------------------------------
     def serve(self, should_stop: Callable[[], bool],
@@ -395,6 +398,9 @@ class DonorServer:
                 self.send(ident, P.AUTH_REPLY, reply_.to_body())
             elif msg.kind == P.INIT:
                 self._on_init(ident, M.Init.from_body(msg.body))
+            elif msg.kind == P.STATUS:  # who may clone may see the clones (gate.py)
+                self.gate.may_clone(ident)
+                self.send(ident, P.STATUS_REPLY, self.stats.view())
             else:
                 self._dispatch(ident, msg)
         except _Delayed:
@@ -423,6 +429,7 @@ class DonorServer:
         self.session = s = Session(self, clone_id, ident, init,
                                    conn.keys.data if conn.keys is not None else None)
         conn.in_clone = True
+        self.stats.who(clone_id, s.user, conn.peer or "local")
         if self.gate.anonymous and self.url is None:
             log.warning("clone %d by an anonymous user from %s (--allow-anonymous)",
                         clone_id, conn.peer or "local")
@@ -479,6 +486,7 @@ class DonorServer:
                          printable(ex_.error_message))
             else:
                 log.info("clone %d completed (%d blocks)", s.clone_id, s.acked)
+            self.stats.end(s.clone_id, ex_.ok, ex_.error_no, printable(ex_.error_message))
             self.end_session(None, send_error=False)
         else:
             raise ProtocolError(f"unexpected command {msg.name}")
@@ -550,6 +558,8 @@ class DonorServer:
         if s is None:
             return
         self.session = None
+        self.stats.end(s.clone_id, False, *((err.errno, err.message) if err is not None
+                                            else (0, "the recipient left")))
         self._releasing += s.end(err, send_error)
         self.gate.forget(s.streams)
         if self.readers is not None:

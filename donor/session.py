@@ -158,6 +158,9 @@ class Session:
         self.next_block = 0
         self.acked = 0
         self.complete_sent = False
+        # work in MySQL's units: blocks for file and redo copy, pages for page copy
+        self.server.stats.stage(self.clone_id, name, sum(map(len, blocks))
+                                if kind == "pages" else len(blocks))
 
     @property
     def busy(self) -> bool:
@@ -199,6 +202,7 @@ class Session:
             if len(self.streams) >= P.MAX_STREAMS:
                 raise ProtocolError(f"more than {P.MAX_STREAMS} streams")
             self.streams[ident] = Stream(ident, len(self.streams))
+            self.server.stats.streams = len(self.streams)
         return M.Locs(self.clone_id, self.streams[ident].index)
 
     def stream(self, ident: bytes) -> Stream:
@@ -216,6 +220,7 @@ class Session:
                 raise ProtocolError(f"ACK of block {seq!r} that is not in flight")
             freed.append(held)
             self.acked += 1
+            self.server.stats.work(len(self.blocks[seq]) if self.kind == "pages" else 1)
         stream.credit = min(stream.credit + ack.credit, P.MAX_CREDIT)
         return freed
 
@@ -421,6 +426,7 @@ class Session:
                 return False
             stream.credit -= 1
             stream.sent += 1
+            self.server.stats.sent(block.raw, block.length)
             self.inflight[block.seq] = (block.ring, block.slot, tracker)
             self.last_sent = now
         return True

@@ -19,5 +19,6 @@
 | faults     | kill points: a named place where a test has the process SIGKILL itself   |
 | swap       | replace mode's swap: the journal, its roll-back and roll-forward, locks   |
 | control    | a serve's local control channel: finding it, asking it (RESTART)          |
+| metrics    | donor and recipient counts, their Prometheus exposition (--metrics-addr)  |
 | pagestore/ | the emulated InnoDB-style store: pages, redo, tracking, archiving, recovery |
 """

@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import InvalidDonorList, SysConfig, UnknownVariable, WrongValueForVar
+from engine.errors import (
+    ConfigError,
+    InvalidDonorList,
+    SysConfig,
+    UnknownVariable,
+    WrongValueForVar,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -46,6 +52,25 @@ def parse_size(text: str | int) -> int:
     return int(m.group(1)) * _UNITS[unit]
 
 
+_RATE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?)?\s*(/s)?\s*$", re.IGNORECASE)
+
+
+def parse_bandwidth(text: str | int) -> int:
+    """A bandwidth -> whole MiB/s, as MySQL's clone_max_*_bandwidth count it: a plain
+    number is MiB/s (``100``); a suffix is binary (``100M``, ``100MiB/s``, ``1G`` = 1024,
+    ``2048K`` = 2). A value that is not a whole number of MiB/s is refused, not rounded."""
+    if isinstance(text, int):
+        return text
+    m = _RATE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"not a bandwidth: {text!r} (MiB/s, or a suffix such as 1G)")
+    unit = (m.group(2) or "M").upper()[:1]
+    nbytes = int(m.group(1)) * _UNITS[unit]
+    if nbytes % MiB:
+        raise ValueError(f"not a whole number of MiB/s: {text!r}")
+    return nbytes // MiB
+
+
 @dataclass(frozen=True)
 class Variable:
     """One clone_* variable: its type, default and range, as MySQL defines them."""
@@ -60,6 +85,8 @@ class Variable:
     def describe_range(self) -> str:
         if self.kind is bool:
             return "ON or OFF"
+        if self.unit == "MiB/s":
+            return f"{self.low} to {self.high} MiB/s (or a suffix: 100M, 1G)"
         if self.low is not None:
             return f"{self.low} to {self.high}{(' ' + self.unit) if self.unit else ''}"
         return "a string"
@@ -142,7 +169,8 @@ def coerce(name: str, value: Any) -> Any:
         if isinstance(value, bool):
             raise _bad(var, value)
         try:
-            number = parse_size(value) if var.unit == "bytes" else int(str(value).strip())
+            number = parse_size(value) if var.unit == "bytes" else \
+                parse_bandwidth(value) if var.unit == "MiB/s" else int(str(value).strip())
         except ValueError:
             raise _bad(var, value) from None
         assert var.low is not None and var.high is not None
@@ -184,12 +212,12 @@ def _toml_values(path: Path) -> dict[str, Any]:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
-        raise SysConfig(f"configuration file {path} not found") from None
+        raise ConfigError(f"configuration file {path} not found") from None
     except OSError as exc:
-        raise SysConfig(f"configuration file {path} cannot be read: {exc.strerror or exc}",
+        raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror or exc}",
                         hint="--config takes a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
-        raise SysConfig(f"configuration file {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
     strict = "clone" in data
     table = data["clone"] if strict else data
     if not isinstance(table, dict):

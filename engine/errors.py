@@ -12,10 +12,17 @@ from __future__ import annotations
 import errno as errno_
 from typing import Any, ClassVar
 
+# The exit statuses, as restic and rclone give them: a script can tell "try again
+# later" (4, 5) from "this will never work as asked" (2, 3, 6) without reading stderr.
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_REFUSED = 3  #: the destination or source was refused (1007, 3632, 3869, 8004, ...)
+EXIT_BUSY = 4  #: the donor is busy with another clone (3634, 3874): retry later
+EXIT_UNREACHABLE = 5  #: the donor could not be reached (3862 "Connect failed: 2003")
 EXIT_AUTH = 6  #: authentication or encryption refused
+EXIT_SIGINT = 130  #: interrupted (1317) by SIGINT: 128 + the signal, as a shell reports it
+EXIT_SIGTERM = 143  #: interrupted (1317) by SIGTERM
 
 
 class CloneError(Exception):
@@ -59,11 +66,13 @@ class DatabaseExists(CloneError):
     errno = 1007
     template = "Can't create database '%s'; database exists"
     default_hint = "choose a path that does not exist yet; the clone creates it"
+    exit_status = EXIT_REFUSED
 
 
 class FileExists(CloneError):
     errno = 1086
     template = "File '%s' already exists"
+    exit_status = EXIT_REFUSED
 
 
 class LockWaitTimeout(CloneError):
@@ -85,11 +94,13 @@ class QueryInterrupted(CloneError):
     errno = 1317
     sqlstate = "70100"
     template = "Query execution was interrupted"
+    exit_status = EXIT_SIGINT  # 143 when SIGTERM: see interrupted_status()
 
 
 class PathInDatadir(CloneError):
     errno = 3632
     template = "Path is within the current data directory '%s'"
+    exit_status = EXIT_REFUSED
 
 
 class DdlInProgress(CloneError):
@@ -146,6 +157,7 @@ class TooManyClones(CloneError):
     template = "Too many concurrent clone operations. Maximum allowed - %d."
     default_hint = "wait for the running clone to finish, then try again"
     retryable = True
+    exit_status = EXIT_BUSY
 
 
 class RestartFailed(CloneError):
@@ -164,6 +176,15 @@ class DonorError(CloneError):
 
     errno = 3862
     template = "Clone Donor Error: %s."
+
+
+class DonorUnreachable(DonorError):
+    """Nothing (or nothing that speaks clone-agent) answered at the donor's address:
+    MySQL's 3862 with "Connect failed: 2003" inside. Its own exit status (5), so that a
+    script can tell a donor that is down from one that refused."""
+
+    exit_status = EXIT_UNREACHABLE
+    default_hint = "check that `clone-agent serve` runs there and the network lets you in"
 
 
 class NetworkError(DonorError):
@@ -204,6 +225,7 @@ class SysConfig(CloneError):
 
     errno = 3869
     template = "Clone system configuration: %s"
+    exit_status = EXIT_REFUSED
 
 
 class InvalidDonorList(SysConfig):
@@ -212,22 +234,17 @@ class InvalidDonorList(SysConfig):
     exit_status = EXIT_USAGE
 
 
-class UnknownVariable(SysConfig):
-    """A TOML key or ``CLONE_AGENT_*`` variable that names no setting: a usage error
-    (exit 2), as mysqld refuses to start on an unknown variable in its option file."""
-
-    exit_status = EXIT_USAGE
-
-
 class DiskSpace(CloneError):
     errno = 3873
     template = "Clone estimated database size is %s. Available space %s is not enough."
+    exit_status = EXIT_REFUSED
 
 
 class CloneInProgress(CloneError):
     errno = 3874
     template = "Concurrent clone in progress. Please try after clone is complete."
     retryable = True
+    exit_status = EXIT_BUSY
 
 
 # -- numbers of our own (8000+) -------------------------------------------------------
@@ -287,12 +304,14 @@ class UnsafeName(ProtocolError):
 class NotADataDirectory(CloneError):
     errno = 8004
     template = "Not a clone-agent data directory: %s"
+    exit_status = EXIT_REFUSED
 
 
 class DataDirectoryLocked(CloneError):
     errno = 8005
     template = "Data directory '%s' is in use by another process (pid %s)"
     default_hint = "stop the other owner (serve or workload) first; a data directory has one owner"
+    exit_status = EXIT_REFUSED
 
 
 class VerifyFailed(CloneError):
@@ -306,6 +325,22 @@ class ReplaceRefused(CloneError):
 
     errno = 8009
     template = "Cannot replace '%s': %s"
+    exit_status = EXIT_REFUSED
+
+
+class ConfigError(CloneError):
+    """The configuration cannot be read: a ``--config`` file missing, unreadable or not
+    TOML. Its own number, since 3869 speaks of the donor list; a usage error (exit 2),
+    as mysqld refuses to start on a bad option file."""
+
+    errno = 8010
+    template = "Configuration error: %s"
+    exit_status = EXIT_USAGE
+
+
+class UnknownVariable(ConfigError):
+    """A TOML key or ``CLONE_AGENT_*`` variable that names no setting (exit 2), as
+    mysqld refuses to start on an unknown variable in its option file."""
 
 
 class NoStatus(CloneError):
@@ -330,12 +365,13 @@ EXIT_STATUS_TABLE: dict[type[CloneError], int] = {
     for cls in (
         CloneError, DatabaseExists, FileExists, LockWaitTimeout, WrongValueForVar,
         QueryInterrupted, PathInDatadir, DdlInProgress, TooManyClones, DonorError,
-        NetworkError, ProtocolError, DonorVersion, DonorOS, DonorPlatform, ConfigMismatch,
+        NetworkError, DonorUnreachable, ProtocolError, DonorVersion, DonorOS, DonorPlatform,
+        ConfigMismatch,
         SysConfig, InvalidDonorList, DiskSpace, CloneInProgress, UsageError, LocalIOError,
         StageCrashed, UnknownVariable, Unexpected, AccessDenied, NoPrivilege, SslError,
         InsecureTransport,
         ChecksumMismatch, UnsafeName, NotADataDirectory, DataDirectoryLocked, VerifyFailed,
-        NoStatus, SourceChanged, RestartFailed, ReplaceRefused,
+        NoStatus, SourceChanged, RestartFailed, ReplaceRefused, ConfigError,
     )
 }
 
@@ -385,10 +421,22 @@ def raise_all(problems: list[CloneError]) -> None:
         raise Problems(problems)
 
 
-def exit_status(exc: BaseException) -> int:
+def exit_status(exc: BaseException, signum: int | None = None) -> int:
+    """The exit status of a command that failed with ``exc``; ``signum``: the signal
+    that stopped it, if one did (only the command line knows, StopFlag)."""
+    if isinstance(exc, QueryInterrupted):
+        return interrupted_status(signum)
     if isinstance(exc, CloneError):
         return exc.exit_status
     return EXIT_FAILURE
+
+
+def interrupted_status(signum: int | None) -> int:
+    """128 + the signal, as a shell reports a process killed by it: 130 for SIGINT
+    (also when the signal is not known, a KeyboardInterrupt), 143 for SIGTERM."""
+    import signal
+
+    return EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
 
 
 def by_number(errno: int, message: str, hint: str | None = None) -> CloneError:

@@ -135,6 +135,15 @@ class AuthReply:
 
 
 @dataclass(frozen=True)
+class StatusAsk:
+    """STATUS: what is the donor cloning, or what did it clone last? (an empty body;
+    the answer, STATUS_REPLY, is checked by recipient/donorstatus.py)"""
+
+    def to_body(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass(frozen=True)
 class Init:
     """INIT: a recipient asks for a clone (stream 0, after HELLO and AUTH)."""
 

@@ -35,18 +35,21 @@ RESP = 1
 # Commands, recipient -> donor (MySQL's numbers; HELLO and AUTH are our own).
 INIT, ATTACH, REINIT, EXECUTE, ACK, EXIT = 1, 2, 3, 4, 5, 6
 HELLO, AUTH = 7, 8
+STATUS = 9  #: our own: the donor's running or last clone (``clone-agent status --donor``)
 # Responses, donor -> recipient (MySQL's numbers; FILES, KEEPALIVE, STATE, HELLO and
 # AUTH are our own).
 LOCS, DATA_DESC, DATA, PLUGIN, CONFIG, COLLATION = 1, 2, 3, 4, 5, 6
 FILES, KEEPALIVE, STATE = 7, 8, 9
 HELLO_REPLY, AUTH_REPLY = 10, 11
+STATUS_REPLY = 12
 COMPLETE, ERROR = 99, 100
 
 COMMAND_NAMES = {INIT: "INIT", ATTACH: "ATTACH", REINIT: "REINIT", EXECUTE: "EXECUTE",
-                 ACK: "ACK", EXIT: "EXIT", HELLO: "HELLO", AUTH: "AUTH"}
+                 ACK: "ACK", EXIT: "EXIT", HELLO: "HELLO", AUTH: "AUTH", STATUS: "STATUS"}
 RESPONSE_NAMES = {LOCS: "LOCS", DATA_DESC: "DATA_DESC", CONFIG: "CONFIG", FILES: "FILES",
                   KEEPALIVE: "KEEPALIVE", STATE: "STATE", COMPLETE: "COMPLETE",
-                  ERROR: "ERROR", HELLO_REPLY: "HELLO", AUTH_REPLY: "AUTH"}
+                  ERROR: "ERROR", HELLO_REPLY: "HELLO", AUTH_REPLY: "AUTH",
+                  STATUS_REPLY: "STATUS"}
 #: Messages that go before a stream's handshake is done: never sealed.
 UNSEALED_COMMANDS = (HELLO,)
 UNSEALED_RESPONSES = (HELLO_REPLY, ERROR)

@@ -12,8 +12,11 @@ interrupted.
 A clone into a new directory that fails removes the directory, ``#clone/`` with it
 (nothing of a half clone stays). Its final status is then kept where MySQL keeps it,
 with the recipient rather than the destination: a record in the state directory
-(``CLONE_AGENT_STATE_DIR``, default ``~/.local/state/clone-agent``), keyed by the
-destination's absolute path, which ``status DIR`` reads when ``DIR/#clone/`` is gone.
+(the command line picks it: ``CLONE_AGENT_STATE_DIR``, else ``$XDG_STATE_HOME/clone-agent``,
+else ``~/.local/state/clone-agent``), keyed by the destination's absolute path, which
+``status DIR`` reads when ``DIR/#clone/`` is gone, and ``status`` lists. The state
+directory keeps the last :data:`HISTORY` records; older ones are pruned when a clone
+begins, as MySQL keeps one row in clone_status and not an ever-growing log.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ STATUS_DIR = "#clone"
 STATUS_FILE = "#view_status"
 PROGRESS_FILE = "#view_progress"
 MAX_WARNINGS = 1000  #: warnings listed in clone_status (all are counted)
+HISTORY = 50  #: records kept in the state directory, the newest
 
 
 def now_iso() -> str:
@@ -111,6 +115,8 @@ class StatusBook:
         return self.progress[STAGES.index(name)]
 
     def begin(self) -> None:
+        if self.state_dir is not None:
+            prune_history(self.state_dir, HISTORY - 1)  # room for this clone's record
         interrupted = QueryInterrupted()
         self.status.state = IN_PROGRESS
         self.status.begin_time = now_iso()
@@ -300,3 +306,56 @@ def note_settled(datadir: str, forward: bool) -> None:
                   orjson.dumps(status, option=orjson.OPT_INDENT_2))
     write_durable(os.path.join(base, PROGRESS_FILE),
                   orjson.dumps(progress, option=orjson.OPT_INDENT_2))
+
+
+def _records(state_dir: str) -> list[tuple[float, str]]:
+    """(mtime, path) of every record in the state directory, newest first."""
+    try:
+        names = os.listdir(state_dir)
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        if name.startswith("clone-") and name.endswith(".json"):
+            path = os.path.join(state_dir, name)
+            try:
+                out.append((os.stat(path).st_mtime, path))
+            except FileNotFoundError:  # pruned by another clone beginning now
+                continue
+    return sorted(out, reverse=True)
+
+
+def prune_history(state_dir: str, keep: int) -> None:
+    """Remove all but the ``keep`` newest records (by modification time)."""
+    for _, path in _records(state_dir)[keep:]:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def list_history(state_dir: str, limit: int = HISTORY) -> list[dict[str, Any]]:
+    """The clone_status of the recent clones, newest first; unreadable records skipped
+    (one being replaced right now, or damaged: a list is no place to fail)."""
+    out = []
+    for _, path in _records(state_dir)[:limit]:
+        try:
+            with open(path, "rb") as fh:
+                out.append(orjson.loads(fh.read())["clone_status"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def present(status: dict[str, Any], alive: Callable[[int], bool]) -> dict[str, Any]:
+    """clone_status as a user should read it. The stored record of a running clone holds
+    1317 so that a crash reads as interrupted; while its process lives, the clone has
+    no error yet: 0 and no message, as MySQL's performance_schema.clone_status shows.
+    When the process is gone, the clone failed (interrupted, 1317 stays)."""
+    out = dict(status)
+    if out.get("state") == IN_PROGRESS:
+        if out.get("pid") and not alive(int(out["pid"])):
+            out["state"] = FAILED
+        else:
+            out["error_no"], out["error_message"] = 0, ""
+    return out

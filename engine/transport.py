@@ -20,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from engine.errors import DonorError, NetworkError, UsageError
+from engine.errors import DonorUnreachable, NetworkError, UsageError
 from engine.protocol import MAX_FRAME
 
 SOCKET_HWM = 1100  #: above protocol.MAX_CREDIT, so a credited send never meets the HWM
@@ -93,14 +93,14 @@ def probe(host: str, port: int, timeout: float) -> None:
         with socket.create_connection((host, port), timeout=timeout):
             pass
     except TimeoutError:
-        raise DonorError(
+        raise DonorUnreachable(
             f"Connect failed: 2003 : Can't connect to donor on '{host}:{port}' (timed out "
             f"after {timeout:g} s)",
             hint="check that `clone-agent serve` runs there and the network lets you in",
         ) from None
     except OSError as exc:
         code = exc.errno or errno_mod.ECONNREFUSED
-        raise DonorError(
+        raise DonorUnreachable(
             f"Connect failed: 2003 : Can't connect to donor on '{host}:{port}' ({code})",
             hint="check that `clone-agent serve` runs there and the network lets you in",
         ) from None

@@ -34,6 +34,7 @@ from engine.errors import (
     CloneError,
     CloneInProgress,
     DonorError,
+    DonorUnreachable,
     InsecureTransport,
     NetworkError,
     NoPrivilege,
@@ -232,7 +233,7 @@ class Transfer:
             try:
                 msg = self.wait(i, self.t.connect, "HELLO")
             except NetworkError as exc:
-                raise DonorError(
+                raise DonorUnreachable(
                     f"Connect failed: 2003 : no clone-agent answered at '{self.where}' "
                     f"within {self.t.connect:g} s",
                     hint="is that `clone-agent serve`? check the port") from exc
@@ -283,6 +284,14 @@ class Transfer:
         reply = self._open_streams(0, 1)[0]
         self._authenticate(reply)
         self.send(0, P.INIT, init)
+
+    def ask_status(self) -> dict[str, Any]:
+        """STATUS on a stream of its own, after the same handshake and authentication
+        as a clone: the donor's running or last clone (engine/metrics.py's view)."""
+        reply = self._open_streams(0, 1)[0]
+        self._authenticate(reply)
+        self.send(0, P.STATUS, M.StatusAsk())
+        return self.expect(0, P.STATUS_REPLY, "STATUS", self.t.connect).body
 
     def config(self) -> M.Config:
         msg = self.expect(0, P.CONFIG, "INIT", self.t.connect)

@@ -13,7 +13,7 @@ from engine.config import (
     parse_donor_list,
     parse_size,
 )
-from engine.errors import SysConfig, UnknownVariable, WrongValueForVar
+from engine.errors import ConfigError, SysConfig, UnknownVariable, WrongValueForVar
 
 
 def test_defaults_are_mysqls() -> None:
@@ -72,7 +72,7 @@ def test_unknown_toml_key(tmp_path: Path) -> None:
     with pytest.raises(UnknownVariable) as info:
         load_config({}, {}, toml)
     err = info.value
-    assert err.line() == ("ERROR 3869 (HY000): Clone system configuration: unknown variable "
+    assert err.line() == ("ERROR 8010 (HY000): Configuration error: unknown variable "
                           f"'max_concurency' in {toml}")
     assert err.exit_status == 2 and err.hint is not None
     assert err.hint.startswith("did you mean max_concurrency? known: autotune_concurrency, ")
@@ -98,11 +98,12 @@ def test_a_clone_table_holds_only_settings(tmp_path: Path) -> None:
 
 
 def test_a_config_file_that_cannot_be_read(tmp_path: Path) -> None:
-    with pytest.raises(SysConfig) as info:
+    with pytest.raises(ConfigError) as info:
         load_config({}, {}, tmp_path)
-    assert info.value.message == (f"Clone system configuration: configuration file {tmp_path} "
+    assert info.value.message == (f"Configuration error: configuration file {tmp_path} "
                                   "cannot be read: Is a directory")
-    with pytest.raises(SysConfig, match="not found"):
+    assert info.value.errno == 8010 and info.value.exit_status == 2
+    with pytest.raises(ConfigError, match="not found"):
         load_config({}, {}, tmp_path / "missing.toml")
 
 
@@ -121,7 +122,7 @@ def test_settings_that_do_nothing_are_not_settings(tmp_path: Path) -> None:
         env = "CLONE_AGENT_" + name.upper()
         with pytest.raises(UnknownVariable) as info:
             load_config({}, {env: "1"})
-        assert info.value.line() == ("ERROR 3869 (HY000): Clone system configuration: "
+        assert info.value.line() == ("ERROR 8010 (HY000): Configuration error: "
                                      f"unknown variable '{env}' in the environment")
         assert info.value.hint == f"{env} is not implemented in this build: remove it"
 
@@ -129,7 +130,7 @@ def test_settings_that_do_nothing_are_not_settings(tmp_path: Path) -> None:
 def test_a_misspelt_environment_variable_is_refused() -> None:
     with pytest.raises(UnknownVariable) as info:
         load_config({}, {"CLONE_AGENT_MAX_CONCURENCY": "3"})
-    assert info.value.line() == ("ERROR 3869 (HY000): Clone system configuration: unknown "
+    assert info.value.line() == ("ERROR 8010 (HY000): Configuration error: unknown "
                                  "variable 'CLONE_AGENT_MAX_CONCURENCY' in the environment")
     assert info.value.hint is not None
     assert info.value.hint.startswith("did you mean CLONE_AGENT_MAX_CONCURRENCY? known: "

@@ -1,3 +1,5 @@
+import signal
+
 import pytest
 
 from engine import errors as E
@@ -21,12 +23,22 @@ def test_exit_status_table() -> None:
     assert E.exit_status(E.WrongValueForVar("clone_x", 1)) == E.EXIT_USAGE == 2
     assert E.exit_status(E.UsageError("bad")) == 2
     assert E.exit_status(E.DonorError("x")) == 1
-    assert E.exit_status(E.DatabaseExists("/x")) == 1
+    assert E.exit_status(E.DatabaseExists("/x")) == E.EXIT_REFUSED == 3
     assert E.exit_status(RuntimeError()) == 1
     for cls in (E.AccessDenied, E.NoPrivilege, E.SslError, E.InsecureTransport):
         assert E.EXIT_STATUS_TABLE[cls] == E.EXIT_AUTH == 6, cls
+    for cls in (E.DatabaseExists, E.PathInDatadir, E.SysConfig, E.NotADataDirectory):
+        assert E.EXIT_STATUS_TABLE[cls] == 3, cls
+    for cls in (E.TooManyClones, E.CloneInProgress):
+        assert E.EXIT_STATUS_TABLE[cls] == E.EXIT_BUSY == 4, cls
+    assert E.EXIT_STATUS_TABLE[E.DonorUnreachable] == E.EXIT_UNREACHABLE == 5
+    assert E.DonorUnreachable("x").errno == 3862  # MySQL's number, its own status
+    assert E.exit_status(E.QueryInterrupted()) == 130
+    assert E.exit_status(E.QueryInterrupted(), signal.SIGINT) == 130
+    assert E.exit_status(E.QueryInterrupted(), signal.SIGTERM) == 143
+    assert E.exit_status(E.InvalidDonorList("Invalid Format")) == 2  # a usage error
     for cls, status in E.EXIT_STATUS_TABLE.items():
-        assert status in (1, 2, 6), cls
+        assert status in (1, 2, 3, 4, 5, 6, 130), cls
 
 
 def test_retryable_is_an_attribute() -> None:
@@ -62,7 +74,7 @@ def test_the_catch_all_and_unknown_variables() -> None:
     assert E.exit_status(E.Unexpected.of(RuntimeError())) == 1
     assert type(E.by_number(8000, "x")) is E.CloneError  # the base class keeps its number
     unknown = E.UnknownVariable("unknown variable 'x' in f")
-    assert isinstance(unknown, E.SysConfig) and unknown.errno == 3869
+    assert isinstance(unknown, E.ConfigError) and unknown.errno == 8010
     assert E.exit_status(unknown) == E.EXIT_USAGE
     assert E.EXIT_STATUS_TABLE[E.UnknownVariable] == 2
     assert E.EXIT_STATUS_TABLE[E.Unexpected] == 1

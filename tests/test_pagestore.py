@@ -93,7 +93,7 @@ def test_init_is_deterministic_and_verifies(tmp_path: Path) -> None:
     with pytest.raises(DatabaseExists):
         init_datadir(str(a), 8 << 20)
     res = run_cli("init", str(a))
-    assert res.returncode == 1 and "ERROR 1007" in res.stderr
+    assert res.returncode == 3 and "ERROR 1007" in res.stderr
 
 
 def test_workload_checkpoints_and_a_clean_close(tmp_path: Path) -> None:
@@ -120,7 +120,7 @@ def test_one_owner_at_a_time(tmp_path: Path) -> None:
         with pytest.raises(DataDirectoryLocked):
             verify(str(d))
         res = run_cli("workload", str(d), "--duration", "1")
-        assert res.returncode == 1 and "ERROR 8005" in res.stderr
+        assert res.returncode == 3 and "ERROR 8005" in res.stderr
 
 
 def test_kill_9_then_recovery(tmp_path: Path) -> None:

@@ -93,14 +93,14 @@ def test_clone_local(tree: Path, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert describe(dest) == describe(tree)
     res = run_cli("clone-local", str(tree), "--data-dir", str(tree / "inside"))
-    assert res.returncode == 1 and "ERROR 3632" in res.stderr
+    assert res.returncode == 3 and "ERROR 3632" in res.stderr
 
 
 def test_destination_rules(tree: Path, tmp_path: Path) -> None:
     existing = tmp_path / "exists"
     existing.mkdir()
     res = run_cli("pull", "u@127.0.0.1:1", "--data-dir", str(existing))
-    assert res.returncode == 1
+    assert res.returncode == 3  # the destination refused
     assert f"ERROR 1007 (HY000): Can't create database '{existing}'; database exists" in res.stderr
     assert "Traceback" not in res.stderr
     res = run_cli("pull", "u@127.0.0.1:1", "--data-dir", "relative/path")
@@ -123,7 +123,7 @@ def test_valid_donor_list_is_checked_before_anything_is_created(tmp_path: Path) 
     dest = tmp_path / "c"
     res = run_cli("pull", "u@127.0.0.1:3310", "--data-dir", str(dest),
                   "--valid-donor-list", "10.0.0.5:3310")
-    assert res.returncode == 1
+    assert res.returncode == 3  # the source refused
     assert ("ERROR 3869 (HY000): Clone system configuration: 127.0.0.1:3310 is not found in "
             "clone_valid_donor_list: 10.0.0.5:3310") in res.stderr
     assert "hint:" in res.stderr
@@ -144,7 +144,7 @@ def test_unreachable_donor_fails_fast_and_leaves_nothing(tmp_path: Path) -> None
     started = time.monotonic()
     res = run_cli("pull", f"u@127.0.0.1:{port}", "--data-dir", str(dest), "--json")
     assert time.monotonic() - started < 30
-    assert res.returncode == 1
+    assert res.returncode == 5  # unreachable: retry when the donor is up
     assert "ERROR 3862 (HY000): Clone Donor Error: Connect failed: 2003" in res.stderr
     assert json.loads(res.stdout.splitlines()[-1])["error_no"] == 3862
     assert not dest.exists()
@@ -161,7 +161,7 @@ def test_a_silent_listener_fails_within_the_handshake_deadline(tmp_path: Path) -
         port = srv.getsockname()[1]
         res = run_cli("pull", f"u@127.0.0.1:{port}", "--data-dir", str(tmp_path / "c"),
                       "--connect-timeout", "2")
-    assert res.returncode == 1 and "ERROR 3862" in res.stderr
+    assert res.returncode == 5 and "ERROR 3862" in res.stderr
     assert not (tmp_path / "c").exists()
 
 
@@ -179,7 +179,7 @@ def test_second_concurrent_clone_gets_3634(tree: Path, tmp_path: Path) -> None:
         res = run_cli("pull", f"u@{donor.address}", "--data-dir", str(tmp_path / "c"))
         sock.close()
         ctx.term()
-    assert res.returncode == 1
+    assert res.returncode == 4  # busy: retry later
     assert "ERROR 3634 (HY000): Too many concurrent clone operations. Maximum allowed - 1." \
         in res.stderr
     assert not (tmp_path / "c").exists()
@@ -217,7 +217,7 @@ def test_ctrl_c_of_a_pull_removes_the_partial_clone(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
         pytest.skip("the clone finished before the signal landed")
-    assert proc.returncode == 1 and "ERROR 1317" in err and "Traceback" not in err
+    assert proc.returncode == 130 and "ERROR 1317" in err and "Traceback" not in err
     assert not dest.exists()
 
 
@@ -238,7 +238,7 @@ def test_a_terminal_ctrl_c_reaches_the_command_line_alone(tmp_path: Path) -> Non
     if proc.returncode == 0:
         pytest.skip("the clone finished before the signal landed")
     err = first + rest
-    assert proc.returncode == 1 and "ERROR 1317" in err, err
+    assert proc.returncode == 130 and "ERROR 1317" in err, err
     assert "Traceback" not in err and "8002" not in err, err
     assert not dest.exists()
 

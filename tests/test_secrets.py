@@ -101,13 +101,13 @@ def test_a_failing_clone_shows_no_password(tmp_path: Path, how: str,
     exists.mkdir()
     res = run_cli("pull", f"u@127.0.0.1:{free_port()}", "--data-dir", str(exists), *args,
                   *extra, env=env, input=stdin)
-    assert res.returncode == 1 and "ERROR 1007 (HY000)" in res.stderr
+    assert res.returncode == 3 and "ERROR 1007 (HY000)" in res.stderr
     _assert_not_in("stdout (1007)", res.stdout)
     _assert_not_in("stderr (1007)", res.stderr)
     dest = tmp_path / "c"
     res = run_cli("pull", f"u@127.0.0.1:{free_port()}", "--data-dir", str(dest), *args,
                   *extra, env=env, input=stdin)
-    assert res.returncode == 1 and "ERROR 3862 (HY000)" in res.stderr
+    assert res.returncode == 5 and "ERROR 3862 (HY000)" in res.stderr
     _assert_not_in("stdout (3862)", res.stdout)
     _assert_not_in("stderr (3862)", res.stderr)
     assert not dest.exists()
@@ -205,7 +205,7 @@ def test_no_process_of_the_pull_holds_the_password(tmp_path: Path, how: str,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 out, err = proc.communicate(timeout=10)
-    assert proc.returncode == 1, err
+    assert proc.returncode == 143, err  # 1317 by SIGTERM
     assert "ERROR 1317 (70100): Query execution was interrupted" in err.decode()
     _assert_not_in("the pull's stdout", out)
     _assert_not_in("the pull's stderr", err)
