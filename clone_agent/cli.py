@@ -485,6 +485,25 @@ def _pairs(text: str | None, kind: Callable[[str], Any]) -> dict[str, Any]:
     return out
 
 
+def _default_config() -> Path | None:
+    """The configuration file when --config is not given: ``$CLONE_AGENT_CONFIG``, else
+    ``$XDG_CONFIG_HOME/clone-agent/config.toml`` (``~/.config/...``) if it exists. A
+    ``CLONE_AGENT_CONFIG`` that names no file is an error, not a silent default."""
+    named = os.environ.get("CLONE_AGENT_CONFIG")
+    if named:
+        return Path(named)
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"),
+                                                             ".config")
+    path = Path(base) / "clone-agent" / "config.toml"
+    return path if path.is_file() else None
+
+
+def _warn_config(err: CloneError) -> None:
+    """A CLONE_AGENT_* variable that names no setting: said, and the command goes on."""
+    text = err.args_[0] if err.args_ else err.message  # the problem, without the prefix
+    sys.stderr.write(f"warning: {text}" + (f" ({err.hint})" if err.hint else "") + "\n")
+
+
 # -- pull -------------------------------------------------------------------------------
 def _parse_source(source: str, anonymous: bool = False) -> tuple[str, str, int]:
     from engine.transport import parse_hostport
@@ -666,7 +685,8 @@ def pull(
                  ddl_timeout=ddl_timeout, valid_donor_list=valid_donor_list)
     with _errors(json_mode):
         password = _password(password_stdin)
-        config = load_config(flags, os.environ, config_file)
+        config = load_config(flags, os.environ, config_file or _default_config(),
+                             warn=_warn_config)
         user, host, port = _parse_source(source)
         if (data_dir is None) == (replace is None):
             raise UsageError("give exactly one of --data-dir DIR and --replace DATADIR")
@@ -729,7 +749,7 @@ def clone_local(
                 os.path.realpath(os.path.dirname(dest)) == src:
             from engine.errors import PathInDatadir
             raise PathInDatadir(src)
-        config = load_config({}, os.environ, None)
+        config = load_config({}, os.environ, _default_config(), warn=_warn_config)
 
     def make(reporter: Any, stop: Callable[[], bool]) -> Any:
         with LocalDonor(str(datadir)) as donor:

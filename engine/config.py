@@ -125,7 +125,7 @@ ENV_PREFIX = "CLONE_AGENT_"
 #: the test suite's process tag (tests/conftest.py).
 OTHER_ENVIRONMENT = frozenset({
     "CLONE_AGENT_PASSWORD", "CLONE_AGENT_STATE_DIR", "CLONE_AGENT_BENCH_DIR",
-    "CLONE_AGENT_TEST_TAG",
+    "CLONE_AGENT_TEST_TAG", "CLONE_AGENT_CONFIG",
 })
 
 
@@ -234,17 +234,25 @@ def _toml_values(path: Path) -> dict[str, Any]:
     return out
 
 
-def _environment_values(environ: Mapping[str, str]) -> dict[str, str]:
+def _environment_values(environ: Mapping[str, str],
+                        warn: Callable[[UnknownVariable], None] | None = None
+                        ) -> dict[str, str]:
     """The settings given as ``CLONE_AGENT_<NAME>``; any other ``CLONE_AGENT_*`` name
-    that is not in :data:`OTHER_ENVIRONMENT` is refused (a misspelt one would otherwise
-    be silently ignored). An empty value counts as not set."""
+    that is not in :data:`OTHER_ENVIRONMENT` is said, never silently ignored: to
+    ``warn`` when given (the command line prints it and goes on, since the environment
+    is shared with everything else the user runs), else refused. An empty value counts
+    as not set."""
     out: dict[str, str] = {}
     for key in sorted(environ):  # sorted: the same variable is reported first every time
         if not key.startswith(ENV_PREFIX) or key in OTHER_ENVIRONMENT:
             continue
         name = key[len(ENV_PREFIX):].lower()
         if name not in VARIABLES or key != _env_name(name):
-            raise _unknown(key, "in the environment", name, _env_name)
+            err = _unknown(key, "in the environment", name, _env_name)
+            if warn is None:
+                raise err
+            warn(err)
+            continue
         if environ[key] != "":
             out[name] = environ[key]
     return out
@@ -254,18 +262,24 @@ def load_config(
     flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
     toml_path: str | Path | None = None,
+    warn: Callable[[UnknownVariable], None] | None = None,
 ) -> CloneConfig:
     """Flag > environment (``CLONE_AGENT_MAX_CONCURRENCY``) > TOML > default.
 
     ``flags`` holds only the options the user actually gave (None means not given).
-    ``environ`` is the whole environment: every ``CLONE_AGENT_*`` name in it is checked.
+    ``environ`` is the whole environment: every ``CLONE_AGENT_*`` name in it is checked;
+    an unknown one goes to ``warn`` when given, else it is refused. A value overridden
+    by a flag is not checked: what the user typed last wins, and only it must be valid.
     """
     values: dict[str, Any] = {}
+    given = {name for name, value in (flags or {}).items() if value is not None}
     if toml_path:
         for name, value in _toml_values(Path(toml_path)).items():
-            values[name] = coerce(name, value)
-    for name, env_value in _environment_values(environ or {}).items():
-        values[name] = coerce(name, env_value)
+            if name not in given:
+                values[name] = coerce(name, value)
+    for name, env_value in _environment_values(environ or {}, warn).items():
+        if name not in given:
+            values[name] = coerce(name, env_value)
     for name, value in (flags or {}).items():
         if value is not None:
             values[name] = coerce(name, value)

@@ -127,6 +127,14 @@ def test_settings_that_do_nothing_are_not_settings(tmp_path: Path) -> None:
         assert info.value.hint == f"{env} is not implemented in this build: remove it"
 
 
+def test_a_misspelt_environment_variable_is_a_warning_when_asked() -> None:
+    said: list[str] = []
+    config = load_config({}, {"CLONE_AGENT_MAX_CONCURENCY": "3"},
+                         warn=lambda err: said.append(err.args_[0]))
+    assert config.max_concurrency == 16
+    assert said == ["unknown variable 'CLONE_AGENT_MAX_CONCURENCY' in the environment"]
+
+
 def test_a_misspelt_environment_variable_is_refused() -> None:
     with pytest.raises(UnknownVariable) as info:
         load_config({}, {"CLONE_AGENT_MAX_CONCURENCY": "3"})
@@ -146,7 +154,8 @@ def test_the_environment_beside_the_settings() -> None:
                 "CLONE_AGENT_DDL_TIMEOUT": ""})  # empty: not set
     assert load_config({}, env) == CloneConfig()
     assert OTHER_ENVIRONMENT == {"CLONE_AGENT_PASSWORD", "CLONE_AGENT_STATE_DIR",
-                                 "CLONE_AGENT_BENCH_DIR", "CLONE_AGENT_TEST_TAG"}
+                                 "CLONE_AGENT_BENCH_DIR", "CLONE_AGENT_TEST_TAG",
+                                 "CLONE_AGENT_CONFIG"}
 
 
 def test_donor_list_format() -> None:
