@@ -171,11 +171,12 @@ class DonorServer:
             self.ctx.term()
             self.ctx = None
 
-    def _open_store(self) -> None:
+    def _open_store(self, start_workload: bool = True) -> None:
         if is_paged(self.datadir):
             self.store = PageStore(self.datadir)
             self._workload_stop.clear()
-            self._start_workload()
+            if start_workload:
+                self._start_workload()
         elif self.workload_rate is not None:
             raise NotADataDirectory(self.datadir, hint="--workload needs a data directory "
                                     "made by `clone-agent init`")
@@ -200,9 +201,11 @@ class DonorServer:
         goes on from the store's last transaction + 1."""
         if self.faults.get("die_at_reopen"):  # tests: a server that crashes coming back
             os.kill(os.getpid(), signal.SIGKILL)
-        self._open_store()
+        self._open_store(start_workload=False)
         self.released = False
-        return self.describe()
+        opened = self.describe()  # as recovered: the clone's last transaction, K
+        self._start_workload()  # which the workload continues from K + 1
+        return opened
 
     def _close_store(self) -> None:
         self._stop_workload()

@@ -87,7 +87,8 @@ def test_replace_mode_numbers() -> None:
     assert E.DiskSpace("2.00 MiB", "1.00 MiB").line() == (
         "ERROR 3873 (HY000): Clone estimated database size is 2.00 MiB. Available space "
         "1.00 MiB is not enough.")
-    assert E.exit_status(E.RestartFailed("x")) == E.exit_status(E.ReplaceRefused("a", "b")) == 1
+    assert E.exit_status(E.RestartFailed("x")) == 1
+    assert E.exit_status(E.ReplaceRefused("a", "b")) == E.EXIT_REFUSED == 3
 
 
 def test_problems_are_reported_each_with_its_hint() -> None:
@@ -95,7 +96,7 @@ def test_problems_are_reported_each_with_its_hint() -> None:
                                                      E.UsageError("u", hint="do u")])])
     assert [p.errno for p in many.each()] == [3869, 3873, 8001]
     assert many.errno == 3869 and many.line() == E.SysConfig("a").line()
-    assert E.exit_status(many) == 1  # the first problem's
+    assert E.exit_status(many) == E.exit_status(E.SysConfig("a")) == 3  # the first one's
     assert E.exit_status(E.Problems([E.UsageError("u"), E.SysConfig("a")])) == 2
     assert many.to_dict()["errors"][2] == {"error_no": 8001, "error_message": "u"}
     assert E.problems_of(lambda: None) == []

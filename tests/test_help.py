@@ -56,9 +56,9 @@ def test_short_help_and_version() -> None:
 
 
 def test_a_usage_error_is_one_error_line_and_a_hint() -> None:
-    res = run_cli("pull", "u@127.0.0.1:1", "--data-dir", "/x/y", "--no-such", "--json")
+    res = run_cli("pull", "u@127.0.0.1:1", "--data-dir", "/x/y", "--zzz", "--json")
     assert res.returncode == 2
-    assert res.stderr.splitlines() == ["ERROR 8001 (HY000): No such option '--no-such'.",
+    assert res.stderr.splitlines() == ["ERROR 8001 (HY000): No such option '--zzz'.",
                                        "hint: see `clone-agent pull --help`"], res.stderr
     assert "Usage:" not in res.stderr and "╭" not in res.stderr
     assert json.loads(res.stdout.splitlines()[-1])["error_no"] == 8001

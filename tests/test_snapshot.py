@@ -147,7 +147,7 @@ def test_clone_local_of_a_directory_that_another_process_owns(datadir: Path,
     dest = tmp_path / "local"
     with Donor(datadir, "--workload", "50"):  # the server owns the data directory now
         res = run_cli("clone-local", str(datadir), "--data-dir", str(dest))
-    assert res.returncode == 1, res.stderr
+    assert res.returncode == 3, res.stderr  # refused
     assert f"ERROR 8005 (HY000): Data directory '{datadir}' is in use" in res.stderr
     assert "Traceback" not in res.stderr
     assert not dest.exists()
