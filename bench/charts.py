@@ -132,13 +132,13 @@ def _align(autotune: list[dict[str, Any]], points: list[list[float]]) -> list[fl
 
 
 def _streams(ax: Any, autotune: list[dict[str, Any]], points: list[list[float]],
-             color: Any, label: str) -> int:
+             color: Any, label: str, lw: float) -> int:
     """The stream count over time, each sample's count held over the interval before
     it; the highest count."""
     xs = _align(autotune, points)
     counts = [a["streams"] for a in autotune]
     ax.step([xs[0] - TUNER_INTERVAL, *xs], [counts[0], *counts], where="pre", color=color,
-            label=label, lw=2)
+            label=label, lw=lw)
     return max(counts)
 
 
@@ -170,8 +170,10 @@ def _timeline(report: dict[str, Any], timelines: dict[str, Any], path: str) -> s
         _throttle_panel(next(panels), timelines, throttled, throttle, colors)
     if tuned:
         ax = next(panels)
-        top = max(_streams(ax, timelines[n]["autotune"], timelines[n]["points"], colors[n], n)
-                  for n in tuned)
+        # the first line broad, those over it thin, so that equal counts show both
+        top = max(_streams(ax, timelines[n]["autotune"], timelines[n]["points"], colors[n], n,
+                           lw=4 if k == 0 else 1.8)
+                  for k, n in enumerate(tuned))
         ax.set_ylim(0, top + 1)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("streams")
