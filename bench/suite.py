@@ -269,8 +269,7 @@ def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None,
                     extra = _timelines(src, donor, Path(tmp), quick, json_mode)
             results.extend(shape_results.values())
             shutil.rmtree(src)
-    report = _report(results)
-    report.update(extra)
+    report = _report(results, extra)
     report["command"] = "clone-agent bench" + (" --quick" if quick else "") + \
         f" --rounds {rounds}" + (" --remove-each" if remove_each else "")
     _print_table(report, json_mode)
@@ -365,7 +364,7 @@ def _say(json_mode: bool, text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _report(results: list[Result]) -> dict[str, Any]:
+def _report(results: list[Result], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     rows = []
     by_shape: dict[str, dict[str, Result]] = {}
     for res in results:
@@ -385,23 +384,125 @@ def _report(results: list[Result]) -> dict[str, Any]:
                 "peak_pss_mib": res.median("peak_pss") / MiB,
                 "runs": [r.__dict__ for r in res.runs],
             })
-    return {"rows": rows}
+    report: dict[str, Any] = {"rows": rows, **(extra or {})}
+    report["targets"] = _targets(report)
+    return report
+
+
+#: The baselines clone-agent must beat on every shape where they ran (target a).
+TARGET_BASELINES = ("tar|socat|tar", "rsync -aW")
+#: The encrypted clone's time over the plain clone's, at most (target b).
+TARGET_ENCRYPTED = 1.25
+#: The throttle's worst 2-second window off its limit by at most this many % (target c).
+TARGET_THROTTLE_PCT = 10.0
+
+
+def _target(name: str, value: float | None, limit: float, held: bool | None, unit: str,
+            basis: str) -> dict[str, Any]:
+    return {"name": name, "value": None if value is None else round(value, 4),
+            "limit": limit, "held": held, "unit": unit, "basis": basis}
+
+
+def _encrypted_ratio(plain: dict[str, Any], enc: dict[str, Any]) -> tuple[float, str]:
+    """The encrypted clone's time over the plain one's: the median of per-round ratios
+    when both have the same rounds, else the ratio of medians."""
+    p_runs, e_runs = plain.get("runs") or [], enc.get("runs") or []
+    if p_runs and len(p_runs) == len(e_runs):
+        return (statistics.median(e["wall"] / p["wall"] for p, e in zip(p_runs, e_runs,
+                                                                         strict=True)),
+                "median of per-round ratios")
+    return enc["wall_s"] / plain["wall_s"], "ratio of medians"
+
+
+def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The bench's targets, each held, missed or not measured (``held`` None)."""
+    by_shape: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in report["rows"]:
+        by_shape.setdefault(row["shape"], {})[row["tool"]] = row
+    out = []
+    for tool in TARGET_BASELINES:
+        ratios = {shape: tools[tool]["agent_time_ratio"] for shape, tools in by_shape.items()
+                  if tool in tools and "clone-agent" in tools}
+        name = f"clone-agent faster than {tool} on every shape"
+        if not ratios:
+            out.append(_target(name, None, 1.0, None, "x", f"{tool} did not run"))
+            continue
+        worst = max(ratios, key=lambda s: ratios[s])
+        out.append(_target(name, ratios[worst], 1.0, ratios[worst] < 1.0, "x",
+                           f"agent/tool, worst shape: {worst}"))
+    name = f"encrypted clone at most {TARGET_ENCRYPTED}x the plain clone's time"
+    pairs = {shape: _encrypted_ratio(t["clone-agent"], t["clone-agent encrypted"])
+             for shape, t in by_shape.items()
+             if {"clone-agent", "clone-agent encrypted"} <= t.keys()}
+    if pairs:
+        worst = max(pairs, key=lambda s: pairs[s][0])
+        value, how = pairs[worst]
+        out.append(_target(name, value, TARGET_ENCRYPTED, value <= TARGET_ENCRYPTED, "x",
+                           f"{how}, worst shape: {worst}"))
+    else:
+        out.append(_target(name, None, TARGET_ENCRYPTED, None, "x",
+                           "no encrypted clone in this run"))
+    name = f"throttle within {TARGET_THROTTLE_PCT:g}% in its worst 2-second window"
+    throttle = report.get("throttle")
+    if throttle and throttle.get("windows"):
+        value = throttle["worst_error_pct"]
+        out.append(_target(name, value, TARGET_THROTTLE_PCT, value <= TARGET_THROTTLE_PCT, "%",
+                           f"at {throttle['limit_mib_s']} MiB/s, "
+                           f"{throttle['windows']} windows"))
+    else:
+        out.append(_target(name, None, TARGET_THROTTLE_PCT, None, "%",
+                           "no throttled clone in this run"))
+    return out
+
+
+def _verdict(held: bool | None) -> str:
+    return "not measured" if held is None else "held" if held else "missed"
+
+
+def _columns(header: list[str], rows: list[list[str]], align: str) -> list[str]:
+    """Lines of a table whose columns are sized from their contents; ``align`` has an
+    "<" (left) or ">" (right) per column."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    return ["  ".join(cell.ljust(w) if a == "<" else cell.rjust(w)
+                      for cell, w, a in zip(line, widths, align, strict=True)).rstrip()
+            for line in [header, *rows]]
+
+
+def _table_lines(report: dict[str, Any]) -> list[str]:
+    header = ["shape", "tool", "GB/s", "median s", "agent/tool", "cpu s/GiB donor",
+              "recipient", "peak PSS MiB"]
+    rows = []
+    for row in report["rows"]:
+        clone = row["tool"].startswith("clone")
+        rows.append([
+            row["shape"], row["tool"], f"{row['gb_s']:.2f}", f"{row['wall_s']:.2f}",
+            "" if row["tool"] == "clone-agent" else f"{row['agent_time_ratio']:.2f}",
+            f"{row['cpu_s_per_gib_donor']:.2f}" if clone else "-",
+            f"{row['cpu_s_per_gib_recipient']:.2f}", f"{row['peak_pss_mib']:.1f}"])
+    return _columns(header, rows, "<<>>>>>>")
+
+
+def _target_lines(targets: list[dict[str, Any]]) -> list[str]:
+    rows = []
+    for t in targets:
+        unit = t["unit"]
+        shown = "-" if t["value"] is None else f"{t['value']:.2f}{unit}"
+        strict = unit == "x" and t["limit"] == 1.0  # faster: below 1, not equal
+        rows.append([t["name"], shown, f"{'<' if strict else '<='} {t['limit']:g}{unit}",
+                     _verdict(t["held"]), t["basis"]])
+    return _columns(["target", "measured", "limit", "verdict", "how"], rows, "<>><<")
 
 
 def _print_table(report: dict[str, Any], json_mode: bool) -> None:
     stream = sys.stderr if json_mode else sys.stdout
-    print(f"\n{'shape':<20} {'tool':<16} {'GB/s':>6} {'median s':>9} {'agent/tool':>10} "
-          f"{'cpu s/GiB donor':>15} {'recipient':>9} {'peak PSS MiB':>12}", file=stream)
-    for row in report["rows"]:
-        ratio = "" if row["tool"] == "clone-agent" else f"{row['agent_time_ratio']:.2f}"
-        donor = f"{row['cpu_s_per_gib_donor']:.2f}" if row["tool"].startswith("clone") else "-"
-        print(f"{row['shape']:<20} {row['tool']:<16} {row['gb_s']:6.2f} {row['wall_s']:9.2f} "
-              f"{ratio:>10} {donor:>15} {row['cpu_s_per_gib_recipient']:9.2f} "
-              f"{row['peak_pss_mib']:12.1f}", file=stream)
+    lines = ["", *_table_lines(report)]
+    lines.append("(agent/tool: clone-agent's time over the tool's, median of per-round "
+                 "ratios, below 1: clone-agent faster;\n baselines' CPU is all in the "
+                 "recipient column)")
     if "throttle" in report:
         t = report["throttle"]
-        print(f"\nthrottle accuracy at {t['limit_mib_s']} MiB/s over {t['windows']} two-second "
-              f"windows: median {t['median_error_pct']:.1f}%, worst {t['worst_error_pct']:.1f}%",
-              file=stream)
-    print("(agent/tool: clone-agent's time over the tool's, median of per-round ratios; "
-          "baselines' CPU is all in the recipient column)", file=stream)
+        lines.append(f"throttle accuracy at {t['limit_mib_s']} MiB/s over {t['windows']} "
+                     f"two-second windows: median {t['median_error_pct']:.1f}%, worst "
+                     f"{t['worst_error_pct']:.1f}%")
+    lines += ["", *_target_lines(report.get("targets") or _targets(report))]
+    print("\n".join(lines), file=stream)
