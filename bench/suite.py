@@ -261,7 +261,7 @@ def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None,
                             _evict(dest)
                         else:
                             _remove(made.pop(), tmp)
-                        _say(json_mode, f"{shape:>20} round {r + 1}/{rounds} {name:<16} "
+                        _say(json_mode, f"{shape:>20} round {r + 1}/{rounds} {name:<21} "
                                         f"{run.wall:6.2f} s")
                 for dest in made:
                     _remove(dest, tmp)
