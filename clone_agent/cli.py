@@ -56,6 +56,7 @@ from typing import Any, NoReturn, Optional
 import click
 import orjson
 import typer
+from click.core import ParameterSource
 from typer.core import TyperCommand
 
 from engine.config import load_config
@@ -356,7 +357,11 @@ def verify(
 @_command()
 def serve(
     datadir: Path = typer.Argument(..., help="the data directory to serve"),
-    bind: str = typer.Option(..., "--bind", help="HOST:PORT to listen on"),
+    bind: Optional[str] = typer.Option(None, "--bind", help="HOST:PORT to listen on "
+                                       "(required, here or in --config's [serve])"),
+    config_file: Optional[Path] = typer.Option(
+        None, "--config", help="a TOML file whose [serve] table sets these options (a flag "
+        "wins); default: $CLONE_AGENT_CONFIG or $XDG_CONFIG_HOME/clone-agent/config.toml"),
     workload: Optional[int] = typer.Option(None, "--workload",
                                            help="also run the live workload at TPS "
                                            "transactions per second (0: max)"),
@@ -401,6 +406,15 @@ def serve(
     from engine.transport import parse_hostport
 
     with _errors():
+        (bind, users, key, require_secure_transport, allow_anonymous, workload, readers,
+         ddl_every, metrics_addr) = _serve_settings(config_file, dict(
+             bind=bind, users=users, key=key,
+             require_secure_transport=require_secure_transport,
+             allow_anonymous=allow_anonymous, workload=workload, readers=readers,
+             ddl_every=ddl_every, metrics_addr=metrics_addr)).values()
+        if bind is None:
+            raise UsageError("serve needs --bind HOST:PORT",
+                             hint="give it, or set bind under [serve] in --config")
         host, port = parse_hostport(bind)
         if workload is not None and workload < 0:
             raise UsageError("--workload takes transactions per second, 0 for full speed")
@@ -444,6 +458,23 @@ def serve(
             notifier.stopping()  # also when serve failed: systemd stops waiting
             notifier.close()
         log.info("donor stopped")
+
+
+def _serve_settings(config_file: Path | None, options: dict[str, Any]) -> dict[str, Any]:
+    """serve's options: each from the command line when given there, else from the
+    ``[serve]`` table of the configuration file (``--config``, else the default one),
+    else its default. The same keys, in the same order, as ``options``."""
+    path = config_file or _default_config()
+    if path is None:
+        return options
+    from engine.config import load_serve_config
+
+    ctx = click.get_current_context()
+    merged = dict(options)
+    for name, value in load_serve_config(path).items():
+        if ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
+            merged[name] = Path(value) if name in ("users", "key") else value
+    return merged
 
 
 @contextmanager

@@ -324,3 +324,45 @@ def check_valid_donor(config: CloneConfig, host: str, port: int) -> None:
             f"{host}:{port} is not found in clone_valid_donor_list: {config.valid_donor_list}",
             hint="add the donor to --valid-donor-list (clone_valid_donor_list)",
         )
+
+
+#: What a ``[serve]`` table of the configuration file may set: the options of
+#: ``clone-agent serve`` (a flag on the command line wins), with their types.
+SERVE_KEYS: dict[str, type] = {
+    "bind": str, "users": str, "key": str, "require_secure_transport": bool,
+    "allow_anonymous": bool, "workload": int, "readers": int, "ddl_every": float,
+    "metrics_addr": str,
+}
+
+
+def load_serve_config(path: str | Path) -> dict[str, Any]:
+    """The ``[serve]`` table of a TOML file (``{}`` without one), every key checked."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror or exc}",
+                          hint="--config takes a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+    table = data.get("serve", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"'serve' in {path} is not a table",
+                          hint="write serve's settings under a [serve] header")
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        kind = SERVE_KEYS.get(name)
+        if kind is None:
+            close = difflib.get_close_matches(name, SERVE_KEYS, n=1)
+            raise UnknownVariable(f"unknown variable '{key}' in [serve] of {path}",
+                                  hint=(f"did you mean {close[0]}? " if close else "") +
+                                  "known: " + ", ".join(SERVE_KEYS))
+        if kind is float and type(value) is int:
+            value = float(value)
+        if type(value) is not kind:
+            raise ConfigError(f"'{key}' in [serve] of {path} is not a {kind.__name__}")
+        out[name] = value
+    return out

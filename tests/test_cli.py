@@ -186,3 +186,40 @@ def test_an_unknown_key_in_the_config_file_is_refused(tmp_path: Path) -> None:
         "hint: block_ddl is not implemented in this build: remove it",
     ]
     assert not dest.exists()
+
+
+def test_serve_takes_its_options_from_the_config_file(tmp_path: Path) -> None:
+    """[serve] sets serve's options; a flag on the command line wins; a key that is no
+    option is refused with the closest one."""
+    import selectors
+    import subprocess
+
+    from tests.helpers import CLI, ROOT, free_port
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 1000)
+    port = free_port()
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[serve]\nbind = "127.0.0.1:{port}"\nallow_anonymous = true\n'
+                    'readers = 1\n')
+    proc = subprocess.Popen([*CLI, "serve", str(src), "--config", str(conf)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            assert sel.select(30), "serve did not start"
+        assert proc.stdout.readline().strip() == f"ready 127.0.0.1:{port}"
+        res = run_cli("pull", f"u@127.0.0.1:{port}", "--data-dir", str(tmp_path / "c"))
+        assert res.returncode == 0, res.stderr
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    conf.write_text('[serve]\nbindd = "127.0.0.1:1"\n')
+    res = run_cli("serve", str(src), "--config", str(conf), "--allow-anonymous")
+    assert res.returncode == 2
+    assert "unknown variable 'bindd'" in res.stderr and "did you mean bind?" in res.stderr
+    res = run_cli("serve", str(src), "--allow-anonymous")
+    assert res.returncode == 2 and "serve needs --bind HOST:PORT" in res.stderr
