@@ -135,3 +135,49 @@ def test_a_terminal_gets_a_row_per_stage_and_an_overall_one(tmp_path: Path) -> N
         assert row in text, text
     assert "4.0 MiB" in text and "100.0%" in text and "MB/s" not in text
     assert re.search(r"4\.0 MiB in \d+\.\d s \(\d+\.\d [KMG]iB/s\)", text), text
+
+
+def test_the_live_display_on_a_terminal_shows_an_eta(tmp_path: Path) -> None:
+    """A pull whose stderr is a terminal (a pseudo-terminal here) draws one row per
+    stage and an overall one, with an ETA once there is a rate to go by."""
+    import pty
+    import select
+    import subprocess
+    import time
+
+    from tests.helpers import CLI, ROOT, Donor
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(12 << 20))
+    master, slave = pty.openpty()
+    out = b""
+    with Donor(src) as donor:
+        proc = subprocess.Popen([*CLI, "pull", f"u@{donor.address}", "--data-dir",
+                                 str(tmp_path / "c"), "--max-data-bandwidth", "4"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=slave, cwd=ROOT)
+        os.close(slave)
+        deadline = time.monotonic() + 120
+        try:
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([master], [], [], 0.5)
+                if ready:
+                    try:
+                        chunk = os.read(master, 65536)
+                    except OSError:  # the terminal's other end closed: the pull is done
+                        break
+                    if not chunk:
+                        break
+                    out += chunk
+                elif proc.poll() is not None:
+                    break
+        finally:
+            os.close(master)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(30)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))
+    assert proc.returncode == 0, text[-2000:]
+    assert re.search(r"FILE COPY .*ETA \d", text), text[-2000:]
+    assert "overall" in text and "elapsed" in text
