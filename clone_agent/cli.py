@@ -70,7 +70,7 @@ from engine.errors import (
 
 # typer's pretty exceptions print every frame's local variables: the password, the
 # whole configuration. Off; main() and _Command report what escapes a command.
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=True, no_args_is_help=True,  # --install-completion
                   pretty_exceptions_enable=False, pretty_exceptions_show_locals=False,
                   context_settings={"help_option_names": ["-h", "--help"],
                                     "max_content_width": 80},
