@@ -426,6 +426,8 @@ class DonorServer:
         if s is not None:
             if time.monotonic() - s.last_heard < self.idle_timeout:
                 raise TooManyClones(1)
+            log.warning("clone %d: recipient silent for %.0f s; dropping the clone for a "
+                        "new one", s.clone_id, time.monotonic() - s.last_heard)
             self.end_session(QueryInterrupted(), send_error=True)
         clone_id = self._next_clone_id
         self._next_clone_id += 1

@@ -456,9 +456,8 @@ def test_pings_alone_do_not_hold_the_one_clone_slot(tmp_path: Path) -> None:
                 res = _pull(donor.address, tmp_path / "dest", "--connect-timeout", "3")
                 if res.returncode == 0 or "ERROR 3634" not in res.stderr:
                     break
-            # (the donor drops the pinging clone at its idle check, or when this INIT
-            # finds it idle past the timeout: either way, the slot is free)
             assert res is not None and res.returncode == 0, res.stderr
             peer.close()
+        assert "recipient silent for" in donor.stderr  # pings did not count
     finally:
         ctx.term()
