@@ -15,8 +15,8 @@ The password (``CLONE_AGENT_PASSWORD`` or ``--password-stdin``) never reaches ar
 a status file or a child process: :func:`main` takes it out of the environment before
 any command runs, so that no process started later inherits it.
 
-This module is past STYLE's 600 lines: one function per command, with what only the
-command line may do (signals, the environment, the terminal). What renders lives
+This module is past 600 lines: one function per command, with what only the command
+line may do (signals, the environment, the terminal). What renders lives
 beside it (progress.py, statusview.py, systemd.py); splitting the commands by group
 (clone, status, users) is left until the branches that add options here have merged,
 as a move now would conflict with each of them.

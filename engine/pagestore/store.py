@@ -10,6 +10,10 @@ recovers into memory and never writes.
 Durability: a commit is written to the redo file before the call returns (it survives
 a kill -9 of the owner); the log is fsynced before any page it covers is flushed
 (write-ahead), at checkpoints and at close (innodb_flush_log_at_trx_commit = 2).
+
+Past 600 lines: the store's state (pool, spaces, log, tracker, archiver, latch) is one
+object that recovery, the workload and a clone all change under one latch; the parts
+that need none of it (redo format, page format, apply) are modules of their own.
 """
 
 from __future__ import annotations
