@@ -768,13 +768,14 @@ def clone_local(
     """CLONE LOCAL DATA DIRECTORY: the same snapshot, without a network."""
     _logging(verbose)
     from donor.local import LocalDonor
-    from recipient.client import PullOptions, check_destination
+    from recipient.client import PullOptions
     from recipient.client import pull as do_pull
+    from recipient.destination import check_new_directory
 
     with _errors(json_mode):
         if not datadir.is_dir():
             raise UsageError(f"'{datadir}' is not a directory")
-        dest = check_destination(data_dir)
+        dest = check_new_directory(data_dir)
         src = os.path.realpath(datadir)
         if os.path.realpath(os.path.dirname(dest)).startswith(src + os.sep) or \
                 os.path.realpath(os.path.dirname(dest)) == src:

@@ -61,11 +61,6 @@ def _peer(frame: Any) -> str:
         return ""
 
 
-def printable(text: str) -> str:
-    """A peer's words without control characters: they reach a log and a terminal."""
-    return "".join(c if c.isprintable() else "?" for c in text)[:500]
-
-
 def _watch(poller: zmq.Poller, pool: Pipeline) -> None:
     """Wake ``poller`` when a worker of ``pool`` replies (or ends)."""
     for fd in pool.fds:
@@ -409,7 +404,7 @@ class DonorServer:
         except _Delayed:
             return  # a failed password: the answer goes later (Gate.due)
         except CloneError as exc:
-            log.warning("recipient error: %s", printable(exc.message))
+            log.warning("recipient error: %s", M.printable(exc.message, 500))
             self._error(ident, exc)
             s = self.session
             if s is not None and ident == s.master:  # only the master ends its clone
@@ -488,10 +483,10 @@ class DonorServer:
             ex_ = M.Exit.from_body(msg.body)
             if not ex_.ok:
                 log.info("clone %d: recipient gave up: %s", s.clone_id,
-                         printable(ex_.error_message))
+                         M.printable(ex_.error_message, 500))
             else:
                 log.info("clone %d completed (%d blocks)", s.clone_id, s.acked)
-            self.stats.end(s.clone_id, ex_.ok, ex_.error_no, printable(ex_.error_message))
+            self.stats.end(s.clone_id, ex_.ok, ex_.error_no, M.printable(ex_.error_message, 500))
             self.end_session(None, send_error=False)
         else:
             raise ProtocolError(f"unexpected command {msg.name}")

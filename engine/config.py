@@ -205,19 +205,24 @@ def _env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
-def _toml_values(path: Path) -> dict[str, Any]:
-    """The settings of a TOML file: its ``[clone]`` table, or else its top-level keys
-    (other programs' tables beside them are left alone). Every key must name a setting."""
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    """A configuration file's contents; every way it cannot be read is ERROR 8010."""
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path} not found") from None
     except OSError as exc:
         raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror or exc}",
-                        hint="--config takes a TOML file") from None
+                          hint="--config takes a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+
+
+def _toml_values(path: Path) -> dict[str, Any]:
+    """The settings of a TOML file: its ``[clone]`` table, or else its top-level keys
+    (other programs' tables beside them are left alone). Every key must name a setting."""
+    data = _read_toml(path)
     strict = "clone" in data
     table = data["clone"] if strict else data
     if not isinstance(table, dict):
@@ -337,17 +342,7 @@ SERVE_KEYS: dict[str, type] = {
 
 def load_serve_config(path: str | Path) -> dict[str, Any]:
     """The ``[serve]`` table of a TOML file (``{}`` without one), every key checked."""
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"configuration file {path} not found") from None
-    except OSError as exc:
-        raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror or exc}",
-                          hint="--config takes a TOML file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
-    table = data.get("serve", {})
+    table = _read_toml(path).get("serve", {})
     if not isinstance(table, dict):
         raise ConfigError(f"'serve' in {path} is not a table",
                           hint="write serve's settings under a [serve] header")

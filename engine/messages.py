@@ -40,6 +40,12 @@ MAX_BLOCKS = 1 << 40
 MAX_BYTES = 1 << 50
 
 
+def printable(text: str, limit: int = 2000) -> str:
+    """A peer's words without control characters, cut to ``limit``: they reach a
+    terminal and a log, where an escape sequence could draw what is not there."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:limit]
+
+
 def _text(body: dict[str, Any], key: str, default: str = "", limit: int = MAX_NAME_FIELD
           ) -> str:
     value = body.get(key, default)

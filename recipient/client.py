@@ -41,7 +41,7 @@ from engine.stage import Pipeline, calm_gc
 from engine.status import COMPLETED, StatusBook
 from engine.throttle import RateLimit
 from engine.transport import probe, tcp_url, tune_allocator
-from recipient.destination import Destination, check_new_directory
+from recipient.destination import Destination
 from recipient.manifest import REDO_NAME, Manifest
 from recipient.meta import Fidelity
 from recipient.replace import ReplaceDestination
@@ -61,11 +61,6 @@ log = logging.getLogger("clone_agent.recipient")
 EventSink = Callable[[dict[str, Any]], None]
 SLOT_PAD = 4096  #: room in a ring slot beyond the block: a sealed block's nonce and tag
 FLUSH_EVERY = 0.5  #: seconds between write-backs of the page cache during FILE COPY
-STATE_NUMBERS = M.STATE_NUMBERS
-
-#: Kept for callers that check a destination before they build a pull (clone-local).
-check_destination = check_new_directory
-
 
 @dataclass
 class PullOptions:
@@ -239,7 +234,7 @@ class Pull:
             t.attach(min(START_STREAMS, n_streams) if t.autotune else n_streams)
             t.read_manifest(self.manifest, cfg, slots)
             self.book.stage("FILE COPY").estimate = self.manifest.total_bytes
-            t.begin_state(STATE_NUMBERS["FILE COPY"], cfg.blocks)
+            t.begin_state(M.STATE_NUMBERS["FILE COPY"], cfg.blocks)
             with EarlyFlush(self.dest.root, FLUSH_EVERY):
                 t.copy_files(cfg.blocks, ring, writers, o.keep.fail_on_change)
             self._end_copy_stage("FILE COPY")
@@ -282,7 +277,7 @@ class Pull:
         self.book.begin_stage(name, estimate=state.bytes,
                               threads=len(self.transfer.streams))
         self._emit_stage(name)
-        self.transfer.begin_state(STATE_NUMBERS[name], state.blocks)
+        self.transfer.begin_state(M.STATE_NUMBERS[name], state.blocks)
         self.transfer.run(name, state.blocks, ring, writers)
         self._end_copy_stage(name)
         return state

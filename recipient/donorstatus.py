@@ -15,8 +15,9 @@ from typing import Any
 
 from engine.config import CloneConfig
 from engine.errors import ProtocolError
+from engine.messages import printable
 from engine.transport import tcp_url
-from recipient.transfer import Security, Timeouts, Transfer, printable
+from recipient.transfer import Security, Timeouts, Transfer
 
 MAX_STAGES = 16
 _COUNTERS = ("com_clone", "data_bytes", "network_bytes", "streams", "auth_failures")

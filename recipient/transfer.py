@@ -60,9 +60,6 @@ from recipient.writer import Piece, WriteOrder, Writer
 log = logging.getLogger("clone_agent.recipient")
 
 
-def printable(text: str) -> str:
-    """The donor's words without control characters: they reach a terminal and logs."""
-    return "".join(c if c.isprintable() else "?" for c in text)[:2000]
 
 #: Streams open at the start of an autotuned clone: one, as MySQL.
 START_STREAMS = 1
@@ -174,7 +171,7 @@ class Transfer:
         msg = P.decode(frames, P.RESP, self.ciphers[i])
         if msg.kind == P.ERROR:
             err = M.ErrorBody.from_body(msg.body)
-            text = printable(err.error_message)
+            text = M.printable(err.error_message)
             if err.error_no in PASS_THROUGH:
                 raise by_number(err.error_no, text)
             raise DonorError(f"{err.error_no} : {text.rstrip('.')}")

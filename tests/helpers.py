@@ -10,6 +10,8 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +226,16 @@ def plain_peer(ctx: Any, address: str) -> Any:
     assert sock.poll(10000), "the donor did not answer HELLO"
     assert P.decode(sock.recv_multipart(), P.RESP).kind == P.HELLO_REPLY
     return sock
+
+
+@contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``8m``) mounted at ``path``, made here, for the block: a disk
+    that fills up (root only: the test skips elsewhere)."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import lz4.block
 import pytest
 
 from engine.codec import COMP_LZ4, checksum
-from tests.helpers import Donor, run_cli
-from tests.test_hostile import GOOD, FakeDonor, _block, assert_refused
+from tests.helpers import Donor, run_cli, small_tmpfs
+from tests.test_hostile import GOOD, FakeDonor, _block, assert_refused, pull_from
 
 SECRET = "pl4nted-Secret-9f3a"
 
@@ -28,10 +27,7 @@ def test_a_disk_that_fills_up_with_small_files(tmp_path: Path) -> None:
     chunk = os.urandom(48 << 10)
     for i in range(600):  # 28 MiB of small files into 16 MiB
         (src / "d" / f"f{i:04}").write_bytes(chunk)
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "16m") as small:
         dest = small / "clone"
         with Donor(src) as donor:
             res = run_cli("pull", f"u@{donor.address}", "--data-dir", str(dest),
@@ -47,8 +43,6 @@ def test_a_disk_that_fills_up_with_small_files(tmp_path: Path) -> None:
         status = run_cli("status", str(dest), "--json")
         view = json.loads(status.stdout)["clone_status"]
         assert view["state"] == "Failed" and view["error_no"] == 8002
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_a_block_that_does_not_decompress_is_the_donors_fault(tmp_path: Path) -> None:
@@ -57,15 +51,7 @@ def test_a_block_that_does_not_decompress_is_the_donors_fault(tmp_path: Path) ->
                         xxh=checksum(garbage))
     dest = tmp_path / "work" / "dest"
     dest.parent.mkdir()
-    donor = FakeDonor(GOOD, [(desc, data)])
-    donor.start()
-    assert donor.ready.wait(10)
-    try:
-        res = run_cli("pull", f"evil@127.0.0.1:{donor.port}", "--data-dir", str(dest),
-                      "--max-concurrency", "1", "--connect-timeout", "5", timeout=60)
-    finally:
-        donor.stop.set()
-        donor.join(10)
+    res = pull_from(FakeDonor(GOOD, [(desc, data)]), dest)
     assert_refused(res, dest)
     assert "does not decompress" in res.stderr
 

@@ -202,23 +202,29 @@ CASES = {
 }
 
 
+def pull_from(donor: FakeDonor, dest: Path, *extra: str
+              ) -> subprocess.CompletedProcess[str]:
+    """Start ``donor``, run the real pull from it into ``dest`` (one stream), stop it."""
+    donor.start()
+    assert donor.ready.wait(10)
+    try:
+        return run_cli("pull", f"evil@127.0.0.1:{donor.port}", "--data-dir", str(dest),
+                       "--max-concurrency", "1", "--connect-timeout", "5", *extra,
+                       timeout=60)
+    finally:
+        donor.stop.set()
+        donor.join(10)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_hostile_donor(case: str, tmp_path: Path) -> None:
     entries, blocks, *kw = CASES[case]
-    donor = FakeDonor(entries, blocks, **(kw[0] if kw else {}))
-    donor.start()
-    assert donor.ready.wait(10)
     workdir = tmp_path / "work"
     workdir.mkdir()
     before = set(os.listdir(tmp_path))
     dest = workdir / "dest"
-    try:
-        res = run_cli("pull", f"evil@127.0.0.1:{donor.port}", "--data-dir", str(dest),
-                      "--max-concurrency", "1", "--buffer-size", "1MiB",
-                      "--connect-timeout", "5", timeout=60)
-    finally:
-        donor.stop.set()
-        donor.join(10)
+    res = pull_from(FakeDonor(entries, blocks, **(kw[0] if kw else {})), dest,
+                    "--buffer-size", "1MiB")
     assert_refused(res, dest)
     assert set(os.listdir(tmp_path)) - {"state"} == before - {"state"}
     assert not Path("/tmp/evil-abs").exists()
@@ -227,16 +233,9 @@ def test_hostile_donor(case: str, tmp_path: Path) -> None:
 def test_a_donor_that_sends_only_keepalives_fails_the_clone(tmp_path: Path) -> None:
     """Liveness is progress: keep-alives alone do not keep a clone waiting forever."""
     donor = FakeDonor(GOOD, [_block(0, [[0, 0, 4]], b"abcd")], keepalive_only=True)
-    donor.start()
-    assert donor.ready.wait(10)
     dest = tmp_path / "work" / "dest"
     dest.parent.mkdir()
-    try:
-        res = run_cli("pull", f"evil@127.0.0.1:{donor.port}", "--data-dir", str(dest),
-                      "--max-concurrency", "1", "--idle-timeout", "2", timeout=60)
-    finally:
-        donor.stop.set()
-        donor.join(10)
+    res = pull_from(donor, dest, "--idle-timeout", "2")
     assert res.returncode == 1, res.stderr
     assert "the donor has been silent for 2 s" in res.stderr
     assert not dest.exists()

@@ -25,8 +25,7 @@ from engine.pagestore.redo import (
     rec_space_extend,
     rec_write,
 )
-from tests.helpers import run_cli
-from tests.test_hostile import FakeDonor, _block, _file, assert_refused
+from tests.test_hostile import FakeDonor, _block, _file, assert_refused, pull_from
 
 PAGE = 16384
 ARCHIVE_LSN = 8192
@@ -134,15 +133,7 @@ def _fix_lengths(records: list[bytes], outside: str) -> list[bytes]:
 
 
 def _pull(donor: FakeDonor, dest: Path) -> Any:
-    donor.start()
-    assert donor.ready.wait(10)
-    try:
-        return run_cli("pull", f"evil@127.0.0.1:{donor.port}", "--data-dir", str(dest),
-                       "--max-concurrency", "1", "--buffer-size", "1MiB",
-                       "--connect-timeout", "5", timeout=60)
-    finally:
-        donor.stop.set()
-        donor.join(10)
+    return pull_from(donor, dest, "--buffer-size", "1MiB")
 
 
 def _outside(tmp_path: Path) -> Path:

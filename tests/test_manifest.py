@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from donor.plan import scan
 from engine import messages as M
 from recipient.manifest import PREALLOCATE_MIN, Manifest
-from tests.helpers import Donor, allocated, run_cli
+from tests.helpers import Donor, allocated, run_cli, small_tmpfs
 
 
 def _donor_tree(root: Path) -> None:
@@ -62,10 +61,7 @@ def test_a_clone_bigger_than_the_disk_fails_before_its_data(tmp_path: Path) -> N
     src = tmp_path / "src"
     src.mkdir()
     (src / "big.ibd").write_bytes(os.urandom(12 << 20))
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "8m") as small:
         dest = small / "clone"
         with Donor(src) as donor:
             res = run_cli("pull", f"u@{donor.address}", "--data-dir", str(dest), "--json")
@@ -76,5 +72,3 @@ def test_a_clone_bigger_than_the_disk_fails_before_its_data(tmp_path: Path) -> N
         assert not dest.exists()  # nothing half-written is left
         events = [line for line in res.stdout.splitlines() if '"data"' in line]
         assert all('"data":0,' in line or '"data": 0,' in line for line in events)
-    finally:
-        subprocess.run(["umount", str(small)], check=True)

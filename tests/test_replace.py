@@ -20,7 +20,7 @@ import pytest
 
 from engine.pagestore import init_datadir
 from engine.ring import sweep_stale
-from tests.helpers import CLI, ROOT, Donor, describe, run_cli
+from tests.helpers import CLI, ROOT, Donor, describe, run_cli, small_tmpfs
 
 OLD_ACCOUNTS, NEW_ACCOUNTS = 300, 500
 
@@ -289,10 +289,7 @@ def test_a_disk_that_fills_during_the_copy_leaves_the_old_data(tmp_path: Path) -
         (src / f"d{d}").mkdir(parents=True)
         for i in range(300):
             (src / f"d{d}" / f"f{i}").write_bytes(b"x" * 100)
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "8m") as small:
         data = small / "data"
         data.mkdir()
         (data / "keep.bin").write_bytes(os.urandom(1 << 20))
@@ -307,8 +304,6 @@ def test_a_disk_that_fills_during_the_copy_leaves_the_old_data(tmp_path: Path) -
         assert describe(data) == old and leftovers(data) == []
         st = json.loads(run_cli("status", str(data), "--json").stdout)["clone_status"]
         assert st["state"] == "Failed" and st["error_no"] == 8002
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 # -- preflight: every problem, each on its own line, before anything changes ---------------
@@ -399,10 +394,7 @@ def test_no_room_for_both_copies_is_3873_with_the_other_problems(tmp_path: Path)
     src = tmp_path / "src"
     src.mkdir()
     (src / "big").write_bytes(os.urandom(12 << 20))
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "8m") as small:
         data = small / "data"
         data.mkdir()
         (data / "old").write_bytes(os.urandom(1 << 20))
@@ -419,8 +411,6 @@ def test_no_room_for_both_copies_is_3873_with_the_other_problems(tmp_path: Path)
         assert _untouched(data) == before and not (data / "#clone").exists()
         st = json.loads(run_cli("status", str(data), "--json").stdout)["clone_status"]
         assert st["state"] == "Failed" and st["error_no"] == 1086
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_one_replace_at_a_time_and_status_throughout(tmp_path: Path) -> None:
