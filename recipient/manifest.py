@@ -80,6 +80,15 @@ class Manifest:
         self.apply = Applier(self.owners, keep, self.notes)
         #: entries that were not made (a device as another user, a vanished file)
         self.missing: set[int] = set()
+        #: a resumed clone's manifest: its directories exist already
+        self.resuming = False
+
+    def _is_dir(self, rel: str) -> bool:
+        """``rel`` is a directory of ours, not a link to one (a resumed clone's)."""
+        import stat
+
+        with self._at(rel) as (dfd, name):
+            return stat.S_ISDIR(os.lstat(name, dir_fd=dfd).st_mode)
 
     def add_page(self, page: M.FilesPage) -> bool:
         for raw in page.entries:
@@ -109,7 +118,12 @@ class Manifest:
         self.names.add(rel)
         if entry.kind == "d" and entry is not self.top:
             self.dirs.add(rel)
-            mkdir_at(self._root_fd(), rel, 0o700)
+            try:
+                mkdir_at(self._root_fd(), rel, 0o700)
+            except FileExistsError:
+                if not self.resuming or not self._is_dir(rel):
+                    raise
+
         elif entry.kind == "f":
             self.total_bytes += entry.size
             if self.can_preallocate and entry.size >= PREALLOCATE_MIN and entry.dense:
@@ -167,8 +181,10 @@ class Manifest:
         return mode, uid, gid, Applier.times(item)[0]
 
     # -- a plain tree that changed while the donor read it -----------------------------
-    def again(self, rows: list[M.Again]) -> None:
-        """Files the donor sends again, as they are now: emptied, to be written anew."""
+    def again(self, rows: list[M.Again], empty: bool = True) -> None:
+        """Files the donor sends again, as they are now: emptied, to be written anew
+        (``empty`` False: a resumed clone's pass already under way, whose blocks on
+        disk stay)."""
         for row in rows:
             item = self.items.get(row.id)
             if item is None or item.kind != "f" or row.id in self.internal:
@@ -178,6 +194,8 @@ class Manifest:
                 item, size=row.size, mode=row.mode, mtime_ns=row.mtime_ns,
                 atime_ns=row.atime_ns, dense=row.dense)
             self.done.discard(row.id)
+            if not empty:
+                continue
             with self._at(item.rel) as (dfd, name):
                 try:
                     fd = os.open(name, OPEN_FLAGS | os.O_TRUNC, 0o600, dir_fd=dfd)
