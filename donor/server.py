@@ -58,6 +58,9 @@ from engine.transport import router, tune_allocator
 log = logging.getLogger("clone_agent.donor")
 
 POOL_READY_TIMEOUT = 60.0  #: seconds for a pool's workers to start
+#: Seconds of silence after which a new INIT finds the running clone's recipient gone
+#: (it pings every 2 s while it copies).
+SILENT_AT_INIT = 5.0
 
 
 def _peer(frame: Any) -> str:
@@ -395,6 +398,10 @@ class DonorServer:
 
     def _on_message(self, frames: list[Any]) -> None:
         ident = bytes(frames[0].buffer)
+        if self.session is not None and ident in self.session.former:
+            # A stream of the clone before its connection broke: its recipient learns
+            # of the break by the silence, and restarts; an ERROR would end the clone.
+            return
         try:
             msg = P.decode(frames[1:], P.CMD, self.gate.cipher(ident))
             if msg.kind == P.HELLO:
@@ -429,7 +436,7 @@ class DonorServer:
                                   "try again when it serves again")
         conn = self.gate.may_clone(ident)
         if self.session is not None:
-            self._make_way(conn)
+            self._make_way(conn, init.user)
         clone_id = self._next_clone_id
         self._next_clone_id += 1
         self.session = s = Session(self, clone_id, ident, init,
@@ -458,7 +465,7 @@ class DonorServer:
                      exc.strerror)
             self.end_session(None, send_error=False)
 
-    def _make_way(self, conn: Any) -> None:
+    def _make_way(self, conn: Any, user: str) -> None:
         """A new INIT while a clone is kept: its place is taken when its recipient is
         gone and the same user starts over from the same host (the old recipient died
         and will not resume); else ERROR 3634, with how long the slot stays taken."""
@@ -469,6 +476,8 @@ class DonorServer:
             # A recipient that died has closed its connections: a probe tells at once.
             if self.send(s.master, P.KEEPALIVE, {"clone_id": s.clone_id}) is None:
                 self.orphan("its master's connection is gone")
+            elif now - s.last_any > SILENT_AT_INIT:  # a live recipient pings every 2 s
+                self.orphan(f"its recipient has been silent for {now - s.last_any:.0f} s")
             elif now - s.last_heard >= self.idle_timeout:
                 log.warning("clone %d: no progress for %.0f s; dropping the clone for a "
                             "new one", s.clone_id, now - s.last_heard)
@@ -479,7 +488,7 @@ class DonorServer:
         s = self.session
         if s is None:  # no restart asked: it ended as it was orphaned
             return
-        if (conn.user or "") == s.auth_user and conn.peer == s.peer:
+        if (conn.user or "") == s.auth_user and user == s.user and conn.peer == s.peer:
             log.warning("clone %d: its recipient started over; dropping the clone that "
                         "waited for it", s.clone_id)
             self.stats.end(s.clone_id, False, QueryInterrupted.errno,
@@ -500,6 +509,7 @@ class DonorServer:
                              hint="the donor ended it (its restart window passed, or it "
                              "restarted): clone again")
         old = [i for i in s.streams if i != ident]
+        s.former.update(old)
         resumed, held = s.reinit(ident, ask, conn.user or "", conn.encrypted,
                                  time.monotonic())
         self._releasing += held
@@ -516,6 +526,12 @@ class DonorServer:
         s = self.session
         if s is None or s.phase is not Phase.ACTIVE:
             return
+        if s.delivered:  # the rest (FILE SYNC, RECOVERY) is the recipient's own
+            log.info("clone %d: every block delivered, and %s; the clone ends here",
+                     s.clone_id, reason)
+            self.stats.end(s.clone_id, True, 0, "")
+            self.end_session(None, send_error=False)
+            return
         if s.restart_timeout == 0:
             log.warning("clone %d: %s; no restart asked, the clone ends", s.clone_id,
                         reason)
@@ -524,16 +540,21 @@ class DonorServer:
         log.warning("clone %d: %s; kept %d s for its recipient to come back", s.clone_id,
                     reason, s.restart_timeout)
         self.gate.forget(s.streams)
+        s.former.update(s.streams)
         self._releasing += s.orphan(time.monotonic())
 
     def _dispatch(self, ident: bytes, msg: P.Message) -> None:
         s = self.session
         if s is None or (msg.body.get("clone_id") != s.clone_id):
             raise ProtocolError("no such clone (it ended, or the donor restarted)")
+        if s.phase is not Phase.ACTIVE:
+            # The clone waits for its recipient's REINIT: a stream that joins (or a
+            # command that was on its way) meets silence, which makes it restart.
+            log.debug("clone %d: %s ignored while the clone waits for a restart",
+                      s.clone_id, msg.name)
+            return
         if ident not in s.streams and msg.kind != P.ATTACH:
             raise ProtocolError("a stream that did not ATTACH")
-        if s.phase is not Phase.ACTIVE:
-            raise ProtocolError("the clone waits for its recipient's REINIT")
         s.last_any = time.monotonic()
         # Liveness is progress: an empty ACK (the recipient's ping) does not keep the
         # one-clone slot; blocks written, and every other command, do.

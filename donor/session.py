@@ -127,6 +127,8 @@ class Session:
         #: what was under way before comes back as stale and is dropped
         self.tag = [clone_id, 0]
         self.streams: dict[bytes, Stream] = {master: Stream(master, 0)}
+        #: streams forgotten at a break or a REINIT: what they still say is ignored
+        self.former: set[bytes] = set()
         self.master = master
         self.block_size = init.block_size
         self.codec = CODECS[init.compression]
@@ -190,6 +192,14 @@ class Session:
         # work in MySQL's units: blocks for file and redo copy, pages for page copy
         self.server.stats.stage(self.clone_id, name, sum(map(len, blocks))
                                 if kind == "pages" else len(blocks))
+
+    @property
+    def delivered(self) -> bool:
+        """Every block of the last state acknowledged: the recipient needs nothing more
+        (FILE SYNC and RECOVERY are its own), only to say EXIT."""
+        last = self.state == "REDO COPY" if self.snapshot is not None else \
+            self.state == "FILE COPY" and not self.again
+        return last and self.complete_sent and self.acked == len(self.blocks)
 
     @property
     def busy(self) -> bool:

@@ -215,7 +215,7 @@ class Transfer:
             err = M.ErrorBody.from_body(msg.body)
             text = M.printable(err.error_message)
             if err.error_no in PASS_THROUGH:
-                raise by_number(err.error_no, text)
+                raise by_number(err.error_no, text, M.printable(err.hint, 500) or None)
             raise DonorError(f"{err.error_no} : {text.rstrip('.')}")
         return msg
 
