@@ -360,9 +360,15 @@ class Pull:
         t = self.transfer
         if self.checkpoint is None or t is None or t.written is None:
             return
+        # data counts the blocks the locator names: both taken at once, so that a
+        # resumed clone's counters go on from here and count nothing twice
+        earlier = {row.stage: [row.data, row.network] for row in self.book.progress
+                   if row.stage in M.STATE_NUMBERS and row.state == COMPLETED}
         self.checkpoint.offer({"serial": t.serial, "restarts": t.restarts,
                                "states": [st.to_body() for st in t.states],
-                               "locator": t.written.copy().to_body()}, time.monotonic())
+                               "locator": t.written.copy().to_body(),
+                               "data": t.data_bytes, "earlier": earlier},
+                              time.monotonic())
 
     def _resumed(self, stack: ExitStack, t: Transfer, rec: dict[str, Any], ring: Ring,
                  writer_args: dict[str, Any], n_streams: int, slots: int) -> dict[str, Any]:
@@ -400,11 +406,15 @@ class Pull:
             self._apply(missed)
             t.begin_state(M.STATE_NUMBERS[missed.state], missed.blocks)
         current = t.states[-1] if t.states else None
-        if current is not None and current.state != "FILE COPY":
-            self._end_copy_stage("FILE COPY")
-        if current is not None and current.state == "REDO COPY":
-            self.book.begin_stage("PAGE COPY")
-            self._end_copy_stage("PAGE COPY")
+        earlier = rec.get("earlier") or {}
+        for name in ("FILE COPY", "PAGE COPY"):
+            if name in earlier and (current is None or current.state != name):
+                if name != "FILE COPY":
+                    self.book.begin_stage(name)
+                self.book.update(name, *earlier[name])
+                self._end_stage(name)
+        if missed is None:
+            t.data_bytes = int(rec.get("data") or 0)
         self._copy(cfg, ring, writers, current)
         return self._finish()
 
