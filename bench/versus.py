@@ -1,0 +1,101 @@
+"""``python -m bench.versus OLD_TREE``: this code's pull beside another checkout's.
+
+    git worktree add /tmp/old <commit>
+    python -m bench.versus /tmp/old --rounds 9
+
+Makes the 1 GiB mixed tree once, serves it with each checkout's ``clone-agent serve``
+(the same interpreter, ``PYTHONPATH`` set to the checkout), and pulls it with each
+checkout's ``clone-agent pull --require-no-ssl --max-concurrency 4``, interleaved (the
+order swaps every round), ROUNDS times each. Destinations stay until the end: ext4
+without a journal makes a clone that follows a removal pay for the freed inodes
+(docs/bench.md, Protocol). Prints every time, the medians, and the median of the
+per-round ratios this/other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import datasets
+from bench.demo import free_port
+from engine.fsutil import syncfs
+
+HERE = str(Path(__file__).resolve().parent.parent)
+
+
+def _env(tree: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": tree}
+
+
+def _serve(tree: str, src: Path) -> tuple[subprocess.Popen[str], int]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "clone_agent.cli", "serve", str(src),
+                             "--bind", f"127.0.0.1:{port}", "--allow-anonymous"],
+                            cwd=tree, env=_env(tree), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # serve says "ready ..." once it listens, or exits
+    if not line.startswith("ready"):
+        proc.kill()
+        proc.wait(10)
+        raise SystemExit(f"{tree}: serve did not start ({line.strip()!r})")
+    return proc, port
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("other", help="another checkout of clone-agent (a git worktree)")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--dir", default=None, help="where to make the data (default: TMPDIR)")
+    args = ap.parse_args()
+    trees = {"this": HERE, "other": os.path.abspath(args.other)}
+    with tempfile.TemporaryDirectory(prefix="clone-agent-versus-", dir=args.dir) as tmp:
+        base = Path(tmp)
+        src = base / "src"
+        datasets.mixed(src, 1 << 30)
+        syncfs(tmp)
+        serves: dict[str, tuple[subprocess.Popen[str], int]] = {}
+        times: dict[str, list[float]] = {name: [] for name in trees}
+        try:
+            for name, tree in trees.items():
+                serves[name] = _serve(tree, src)
+            for r in range(args.rounds):
+                for name in (("this", "other") if r % 2 else ("other", "this")):
+                    tree, port = trees[name], serves[name][1]
+                    started = time.monotonic()
+                    res = subprocess.run(
+                        [sys.executable, "-m", "clone_agent.cli", "pull",
+                         f"bench@127.0.0.1:{port}", "--data-dir", str(base / f"{name}-{r}"),
+                         "--max-concurrency", "4", "--require-no-ssl"],
+                        cwd=tree, env=_env(tree), capture_output=True, text=True, timeout=600)
+                    wall = time.monotonic() - started
+                    if res.returncode != 0:
+                        raise SystemExit(f"{name}: pull failed: {res.stderr[-400:]}")
+                    times[name].append(wall)
+                    print(f"round {r + 1}/{args.rounds} {name:<5} {wall:6.2f} s", flush=True)
+        finally:
+            for proc, _ in serves.values():
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+    ratios = [a / b for a, b in zip(times["this"], times["other"], strict=True)]
+    print(f"median this {statistics.median(times['this']):.2f} s, "
+          f"other {statistics.median(times['other']):.2f} s")
+    print("per-round this/other: " + " ".join(f"{x:.3f}" for x in ratios))
+    print(f"median ratio {statistics.median(ratios):.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+
+
+if __name__ == "__main__":
+    main()
