@@ -44,6 +44,7 @@ def _interrupted_at_start(signum: int, frame: FrameType | None) -> None:
 
 signal.signal(signal.SIGINT, _interrupted_at_start)
 
+import dataclasses
 import logging  # after the handler above, on purpose
 import os
 import time
@@ -767,9 +768,7 @@ def clone_local(
 ) -> None:
     """CLONE LOCAL DATA DIRECTORY: the same snapshot, without a network."""
     _logging(verbose)
-    from donor.local import LocalDonor
-    from recipient.client import PullOptions
-    from recipient.client import pull as do_pull
+    from donor.local import LocalDonor, direct_copy
     from recipient.destination import check_new_directory
 
     with _errors(json_mode):
@@ -782,18 +781,31 @@ def clone_local(
             from engine.errors import PathInDatadir
             raise PathInDatadir(src)
         config = load_config({}, os.environ, _default_config(), warn=_warn_config)
+        # The fast path (docs/copies.md): the donor's readers copy file data into the
+        # destination with copy_file_range, and the recipient leaves it to them.
+        direct = direct_copy(config)
+        # The donor's process starts before the recipient's modules are imported, so
+        # that its start (an interpreter, its imports, its readers) overlaps theirs.
+        donor = LocalDonor(str(datadir), copy_to=dest if direct else None).start()
+    try:
+        from recipient.client import PullOptions
+        from recipient.client import pull as do_pull
 
-    def make(reporter: Any, stop: Callable[[], bool]) -> Any:
-        with LocalDonor(str(datadir)) as donor:
-            return do_pull(PullOptions(user="local", host="localhost", port=0,
-                                       destination=dest, config=config,
-                                       state_dir=_state_dir(), url=donor.url,
-                                       should_stop=stop, emit=reporter,
-                                       ssl="none",  # a socket in a 0700 directory
-                                       keep=_fidelity(numeric_ids, no_xattrs, no_acls,
-                                                      fail_on_change, skip_unreadable)))
+        keep = _fidelity(numeric_ids, no_xattrs, no_acls, fail_on_change, skip_unreadable)
 
-    _run_pull(make, json_mode, "the clone")
+        def make(reporter: Any, stop: Callable[[], bool]) -> Any:
+            with donor:  # waits until it serves; stops it however the clone ends
+                return do_pull(PullOptions(user="local", host="localhost", port=0,
+                                           destination=dest, config=config,
+                                           state_dir=_state_dir(), url=donor.url,
+                                           should_stop=stop, emit=reporter,
+                                           ssl="none",  # a socket in a 0700 directory
+                                           keep=dataclasses.replace(keep,
+                                                                    direct_copy=direct)))
+
+        _run_pull(make, json_mode, "the clone")
+    finally:
+        donor.close()
 
 
 # -- status ---------------------------------------------------------------------------
