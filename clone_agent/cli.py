@@ -934,6 +934,9 @@ def bench(
     remove_each: bool = typer.Option(False, "--remove-each", help="remove each destination "
                                      "right after its run (the next tool then pays for "
                                      "the freed inodes; see docs/architecture.md)"),
+    tool: Optional[list[str]] = typer.Option(None, "--tool", help="only this tool beside "
+                                             "clone-agent (repeatable), e.g. 'cp -a', "
+                                             "'clone-agent local'; no timelines"),
     verbose: bool = _verbose_option(),
 ) -> None:
     """clone-agent side by side with plain-tool baselines, on the same data, in one run."""
@@ -951,7 +954,7 @@ def bench(
                 Path(out, "link.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
             return
         run_bench(quick=quick, json_mode=json_mode, out=str(out) if out else None,
-                  rounds=rounds, only=shape, remove_each=remove_each)
+                  rounds=rounds, only=shape, remove_each=remove_each, tools_only=tool)
 
 
 # -- keys and users ---------------------------------------------------------------------

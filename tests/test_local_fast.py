@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from donor.plan import plan, scan
-from engine import messages as M
 from donor.reader import Reader
+from engine import messages as M
 from engine.ring import Ring
 from recipient.manifest import Manifest
 from recipient.meta import Fidelity
