@@ -8,11 +8,11 @@ it there, as it would a donor on another host. The bulk work is in processes as
 usual: the server's readers, the recipient's writers.
 
 Why a thread and not a process of its own: the donor's start is most of a small
-clone-local's time. In its own process it paid an interpreter and its own import of
-ZeroMQ, the cipher and the protocol, which the command line imports anyway for the
-recipient; here the two share them, and the server's readers start while the
-recipient starts its writers (docs/bench.md). Both coordinators then share one
-interpreter; on the fast path (:mod:`donor.direct`) a block costs each little.
+clone-local's time. A process would pay an interpreter and its own import of ZeroMQ,
+the cipher and the protocol, which the command line imports anyway for the recipient;
+here the two share them, and the server's readers start while the recipient starts
+its writers (docs/bench.md). Both coordinators then share one interpreter; on the fast
+path (:mod:`donor.direct`) a block costs each little.
 
 ``with LocalDonor(...)`` waits until the server accepts clones (a server that cannot
 start raises its error, a data directory another process owns say) and, however the
