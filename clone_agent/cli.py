@@ -35,14 +35,24 @@ _signal_seen: int | None = None
 
 
 def _interrupted_at_start(signum: int, frame: FrameType | None) -> None:
-    """Ctrl-C while the command line is still importing: noted,
+    """Ctrl-C or SIGTERM while the command line is still importing: noted,
     and answered by main() in MySQL's words. Nothing is raised inside an import, where
     a half-initialised extension module could take the interpreter down with it."""
-    global _interrupted_early
+    global _interrupted_early, _signal_seen
     _interrupted_early = True
+    _signal_seen = signum
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGINT or SIGTERM before a command has a safe point to stop at (its StopFlag):
+    unwound as Ctrl-C is, so that it ends in 1317 and not in a silent death."""
+    global _signal_seen
+    _signal_seen = signum
+    raise KeyboardInterrupt
 
 
 signal.signal(signal.SIGINT, _interrupted_at_start)
+signal.signal(signal.SIGTERM, _interrupted_at_start)
 
 import dataclasses
 import logging  # after the handler above, on purpose
@@ -51,6 +61,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
@@ -646,6 +657,9 @@ def pull(
     replace: Optional[str] = typer.Option(None, "--replace",
                                           help="replace this existing data directory in "
                                           "place; the old data stays until the clone is whole"),
+    resume_dir: Optional[str] = typer.Option(None, "--resume", help="continue the clone "
+                                             "into this directory whose pull died, while "
+                                             "the donor still keeps it"),
     keep_old: Optional[str] = typer.Option(None, "--keep-old", help="with --replace: move "
                                            "the old data to this new absolute path (same "
                                            "file system) instead of removing it"),
@@ -680,6 +694,10 @@ def pull(
     valid_donor_list: Optional[str] = typer.Option(
         None, "--valid-donor-list", help="HOST:PORT,... the only donors allowed "
         "(default: any; clone_valid_donor_list)"),
+    donor_timeout_after_network_failure: Optional[int] = typer.Option(
+        None, "--donor-timeout-after-network-failure", help="minutes, 0 to 30, to "
+        "reconnect and resume after a network failure, and the donor keeps the clone "
+        "(default 5; 0: no restart; clone_donor_timeout_after_network_failure)"),
     require_ssl: Optional[bool] = typer.Option(
         None, "--require-ssl/--require-no-ssl",
         help="fail unless the clone is encrypted / ask for a plain one; default: "
@@ -714,18 +732,21 @@ def pull(
                  max_data_bandwidth=max_data_bandwidth,
                  max_network_bandwidth=max_network_bandwidth,
                  enable_compression=enable_compression, buffer_size=buffer_size,
-                 ddl_timeout=ddl_timeout, valid_donor_list=valid_donor_list)
+                 ddl_timeout=ddl_timeout, valid_donor_list=valid_donor_list,
+                 donor_timeout_after_network_failure=donor_timeout_after_network_failure)
     with _errors(json_mode):
         password = _password(password_stdin)
         config = load_config(flags, os.environ, config_file or _default_config(),
                              warn=_warn_config)
         user, host, port = _parse_source(source)
-        if (data_dir is None) == (replace is None):
-            raise UsageError("give exactly one of --data-dir DIR and --replace DATADIR")
+        if sum(x is not None for x in (data_dir, replace, resume_dir)) != 1:
+            raise UsageError("give exactly one of --data-dir DIR, --replace DATADIR and "
+                             "--resume DIR")
         if keep_old is not None and replace is None:
             raise UsageError("--keep-old goes with --replace DATADIR")
         faults = _pairs(fault, str)
-        destination = replace if replace is not None else data_dir
+        destination = replace if replace is not None else resume_dir \
+            if resume_dir is not None else data_dir
         assert destination is not None
         ssl = "prefer" if require_ssl is None else "require" if require_ssl else "none"
         pinned = None
@@ -749,7 +770,7 @@ def pull(
                                    keep=_fidelity(numeric_ids, no_xattrs, no_acls,
                                                   fail_on_change, skip_unreadable),
                                    replace=replace is not None, keep_old=keep_old,
-                                   faults=faults))
+                                   faults=faults, resume=resume_dir is not None))
 
     _run_pull(make, json_mode, "the clone", metrics_addr)
 
@@ -820,7 +841,87 @@ def _status_view(dest: str) -> dict[str, Any]:
         log.warning("could not settle an interrupted replace of %s: %s", dest, exc)
     data = read_status(dest, _state_dir())
     data["clone_status"] = present(data["clone_status"], _alive)
+    _resumable(dest, data["clone_status"])
     return data
+
+
+def _resumable(dest: str, st: dict[str, Any]) -> None:
+    """An interrupted clone whose record is there: until when `pull --resume` may
+    continue it (its last record + the restart window the donor keeps it for)."""
+    from datetime import datetime
+
+    from engine.status import FAILED
+    from recipient import resume
+
+    if st.get("state") != FAILED or st.get("error_no") != 1317:
+        return
+    try:
+        record = resume.load(dest)
+    except CloneError:
+        return
+    until = float(record["saved"]) + float(record.get("restart_timeout") or 0)
+    st["resumable_until"] = datetime.fromtimestamp(until, UTC).isoformat(
+        timespec="seconds")
+
+
+@_command()
+def kill(
+    dest: Path = typer.Argument(..., help="the destination of the running clone"),
+    timeout: float = typer.Option(60.0, "--timeout", help="seconds to wait for it to end"),
+    verbose: bool = _verbose_option(),
+) -> None:
+    """Stop the clone running into DEST (MySQL's KILL QUERY): it stops at a safe point,
+    tells the donor, removes DEST and ends with ERROR 1317."""
+    _logging(verbose)
+    from engine.errors import NoSuchClone
+    from engine.status import IN_PROGRESS
+
+    with _errors():
+        path = os.path.abspath(str(dest))
+        try:
+            st = _status_view(path)["clone_status"]
+        except CloneError:
+            raise NoSuchClone(f"no clone runs into '{path}'") from None
+        pid = int(st.get("pid") or 0)
+        if st.get("state") != IN_PROGRESS or not pid or not _is_pull_of(pid, path):
+            raise NoSuchClone(f"no clone runs into '{path}'")
+        os.kill(pid, signal.SIGTERM)  # the pull's StopFlag: a safe point, EXIT, cleanup
+        deadline = time.monotonic() + timeout
+        while _pid_alive(pid):
+            if time.monotonic() > deadline:
+                raise NoSuchClone(
+                    f"the clone into '{path}' (pid {pid}) did not stop within {timeout:g} s",
+                    hint="kill it with SIGKILL; its destination then stays, "
+                    "`pull --resume` or removal is yours")
+            time.sleep(0.05)  # polling another process's end: no handle to wait on
+    sys.stderr.write(f"clone into {path} stopped (pid {pid})\n")
+
+
+def _pid_alive(pid: int) -> bool:
+    from engine.ring import _alive
+
+    if not _alive(pid):
+        return False
+    try:  # a zombie (a child its parent has not reaped yet) has ended too
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def _is_pull_of(pid: int, path: str) -> bool:
+    """Is ``pid`` a clone-agent pull (or clone-local) into ``path``? A status file's pid
+    may since belong to another process: it is never signalled."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    if not any("clone_agent" in a or "clone-agent" in a for a in argv):
+        return False
+    names = [a.partition("=")[2] if a.startswith("--") else a for a in argv]
+    return any(os.path.normpath(os.path.join(cwd, a)) == path for a in names if a)
 
 
 @_command()
@@ -1057,10 +1158,11 @@ def main() -> None:
     from engine.stage import end_resource_tracker
 
     _take_env_password()  # before anything can start a process
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here: KeyboardInterrupt
+    for sig in (signal.SIGINT, signal.SIGTERM):  # from here: KeyboardInterrupt
+        signal.signal(sig, _interrupt)
     if _interrupted_early:
         sys.stderr.write(_INTERRUPTED)
-        sys.exit(interrupted_status(signal.SIGINT))
+        sys.exit(interrupted_status(_signal_seen or signal.SIGINT))
     try:
         status = _run()
     finally:

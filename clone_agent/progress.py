@@ -109,8 +109,16 @@ class Reporter:
             self.out.write(orjson.dumps(event).decode() + "\n")
             self.out.flush()
             return
+        line = ""
         if event.get("event") == "warning":  # what the copy does not hold: always said
             line = f"warning: {event['path']}: {event['message']}"
+        elif event.get("event") == "restart":  # a network failure: always said
+            line = (f"network: connection lost in {event['stage']} ({event['error']}); "
+                    f"reconnecting for up to {event['window_s']:g} s"
+                    if event.get("phase") == "lost" else
+                    f"network: resumed {event['stage']} after {event['outage_s']:g} s "
+                    f"(restart {event['restarts']}, {event['resent']} blocks sent again)")
+        if line:
             if self._progress is not None:
                 self._progress.console.print(line, markup=False, highlight=False)
             else:

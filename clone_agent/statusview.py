@@ -20,6 +20,10 @@ def render_one(data: dict[str, Any]) -> str:
     """One clone: clone_status as ``key: value`` lines, then its clone_progress table."""
     st = data["clone_status"]
     lines = [f"{key:>16}: {st.get(key)}" for key in _FIELDS]
+    if st.get("resumable_until"):
+        lines.append(f"{'':>16}  interrupted: resume it with `clone-agent pull "
+                     f"USER@{st.get('source')} --resume {st.get('destination')}` until "
+                     f"{st['resumable_until']} (while the donor keeps it)")
     lines.append("")
     lines.append(f"{'STAGE':<10} {'STATE':<11} {'THREADS':>7} {'ESTIMATE':>12} "
                  f"{'DATA':>12} {'NETWORK':>12}")

@@ -6,10 +6,15 @@ the shared-memory ring and the reader pool, and it alone handles signals (the
 network (a zero-copy ZeroMQ send from the same slot). A slot is reused only when the
 recipient has acknowledged its block *and* ZeroMQ's tracker says the message is freed.
 
-A session is torn down when the recipient sends EXIT, when it has been silent for
-``idle_timeout`` seconds (it died), or when the donor stops (its streams then get
-ERROR 1317, as a killed MySQL clone reports). A second recipient while one clone runs
-gets ERROR 3634, MySQL's "too many concurrent clones" (the maximum is 1).
+A session is torn down when the recipient sends EXIT, when it makes no progress for
+``idle_timeout`` seconds, or when the donor stops (its streams then get ERROR 1317, as
+a killed MySQL clone reports). A session whose recipient's connection broke (a send
+failed, or nothing came for ``ORPHAN_AFTER`` s) is orphaned: it waits for a REINIT
+for as long as the recipient asked in INIT (clone_donor_timeout_after_network_failure),
+then ends. A second recipient while one clone runs, or waits, gets ERROR 3634, MySQL's
+"too many concurrent clones" (the maximum is 1), with the time left in its hint; the
+same user from the same host, starting over with a new INIT, takes an orphaned
+clone's place.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import zmq
 
 from donor.control import ServeControl
 from donor.gate import Gate, _Delayed
-from donor.session import ReadyBlock, Session
+from donor.session import ORPHAN_AFTER, Phase, ReadyBlock, Session
 from engine import crypto
 from engine import messages as M
 from engine import protocol as P
@@ -36,6 +41,8 @@ from engine.codec import MAX_BLOCK
 from engine.errors import (
     CloneError,
     CloneInProgress,
+    DonorError,
+    NetworkError,
     NotADataDirectory,
     ProtocolError,
     QueryInterrupted,
@@ -51,6 +58,9 @@ from engine.transport import router, tune_allocator
 log = logging.getLogger("clone_agent.donor")
 
 POOL_READY_TIMEOUT = 60.0  #: seconds for a pool's workers to start
+#: Seconds of silence after which a new INIT finds the running clone's recipient gone
+#: (it pings every 2 s while it copies).
+SILENT_AT_INIT = 5.0
 
 
 def _peer(frame: Any) -> str:
@@ -370,22 +380,28 @@ class DonorServer:
     def send(self, ident: bytes, kind: int, body: dict[str, Any], payload: Any = None,
              **kw: Any) -> Any:
         """Send to one peer, sealed when its connection is encrypted (HELLO's answer
-        never is); None when it is gone (else the tracker of a tracked send)."""
+        never is); None when it is gone (else the tracker of a tracked send, or True)."""
         assert self.sock is not None
         cipher = self.gate.cipher(ident) if kind not in P.UNSEALED_RESPONSES or \
             kind == P.ERROR else None
         try:
-            return self.sock.send_multipart(
+            tracker = self.sock.send_multipart(
                 [ident, *P.response(kind, body, payload, cipher=cipher)], **kw)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer is gone
             log.info("cannot reach a recipient: %s", exc.strerror)
             return None
+        return True if tracker is None else tracker
 
     def _error(self, ident: bytes, err: CloneError) -> None:
-        self.send(ident, P.ERROR, M.ErrorBody(err.errno, err.message).to_body())
+        hint = err.hint if isinstance(err, TooManyClones) else ""  # when to come back
+        self.send(ident, P.ERROR, M.ErrorBody(err.errno, err.message, hint or "").to_body())
 
     def _on_message(self, frames: list[Any]) -> None:
         ident = bytes(frames[0].buffer)
+        if self.session is not None and ident in self.session.former:
+            # A stream of the clone before its connection broke: its recipient learns
+            # of the break by the silence, and restarts; an ERROR would end the clone.
+            return
         try:
             msg = P.decode(frames[1:], P.CMD, self.gate.cipher(ident))
             if msg.kind == P.HELLO:
@@ -396,6 +412,8 @@ class DonorServer:
                 self.send(ident, P.AUTH_REPLY, reply_.to_body())
             elif msg.kind == P.INIT:
                 self._on_init(ident, M.Init.from_body(msg.body))
+            elif msg.kind == P.REINIT:
+                self._on_reinit(ident, M.Reinit.from_body(msg.body))
             elif msg.kind == P.STATUS:  # who may clone may see the clones (gate.py)
                 self.gate.may_clone(ident)
                 self.send(ident, P.STATUS_REPLY, self.stats.view())
@@ -417,17 +435,14 @@ class DonorServer:
             raise CloneInProgress(hint="the donor's data directory is being replaced; "
                                   "try again when it serves again")
         conn = self.gate.may_clone(ident)
-        s = self.session
-        if s is not None:
-            if time.monotonic() - s.last_heard < self.idle_timeout:
-                raise TooManyClones(1)
-            log.warning("clone %d: recipient silent for %.0f s; dropping the clone for a "
-                        "new one", s.clone_id, time.monotonic() - s.last_heard)
-            self.end_session(QueryInterrupted(), send_error=True)
+        if self.session is not None:
+            self._make_way(conn, init.user)
         clone_id = self._next_clone_id
         self._next_clone_id += 1
         self.session = s = Session(self, clone_id, ident, init,
                                    conn.keys.data if conn.keys is not None else None)
+        s.peer = conn.peer
+        s.auth_user = conn.user or ""
         conn.in_clone = True
         self.stats.who(clone_id, s.user, conn.peer or "local")
         if self.gate.anonymous and self.url is None:
@@ -450,12 +465,97 @@ class DonorServer:
                      exc.strerror)
             self.end_session(None, send_error=False)
 
+    def _make_way(self, conn: Any, user: str) -> None:
+        """A new INIT while a clone is kept: its place is taken when its recipient is
+        gone and the same user starts over from the same host (the old recipient died
+        and will not resume); else ERROR 3634, with how long the slot stays taken."""
+        s = self.session
+        assert s is not None
+        now = time.monotonic()
+        if s.phase is Phase.ACTIVE:
+            # A recipient that died has closed its connections: a probe tells at once.
+            if self.send(s.master, P.KEEPALIVE, {"clone_id": s.clone_id}) is None:
+                self.orphan("its master's connection is gone")
+            elif now - s.last_any > SILENT_AT_INIT:  # a live recipient pings every 2 s
+                self.orphan(f"its recipient has been silent for {now - s.last_any:.0f} s")
+            elif now - s.last_heard >= self.idle_timeout:
+                log.warning("clone %d: no progress for %.0f s; dropping the clone for a "
+                            "new one", s.clone_id, now - s.last_heard)
+                self.end_session(QueryInterrupted(), send_error=True)
+                return
+            else:
+                raise TooManyClones(1)
+        s = self.session
+        if s is None:  # no restart asked: it ended as it was orphaned
+            return
+        if (conn.user or "") == s.auth_user and user == s.user and conn.peer == s.peer:
+            log.warning("clone %d: its recipient started over; dropping the clone that "
+                        "waited for it", s.clone_id)
+            self.stats.end(s.clone_id, False, QueryInterrupted.errno,
+                           "the recipient started a new clone")
+            self.end_session(None, send_error=False)
+            return
+        raise TooManyClones(1, hint=f"a clone waits {max(0.0, s.deadline - now):.0f} s "
+                            "more for its recipient to come back after a network failure;"
+                            " try again then")
+
+    def _on_reinit(self, ident: bytes, ask: M.Reinit) -> None:
+        """A recipient back after a network failure: its clone goes on from where the
+        locator says, on this new master stream (its other streams ATTACH again)."""
+        conn = self.gate.may_clone(ident)
+        s = self.session
+        if s is None or s.clone_id != ask.clone_id:
+            raise DonorError("Restart could not find existing clone",
+                             hint="the donor ended it (its restart window passed, or it "
+                             "restarted): clone again")
+        old = [i for i in s.streams if i != ident]
+        s.former.update(old)
+        resumed, held = s.reinit(ident, ask, conn.user or "", conn.encrypted,
+                                 time.monotonic())
+        self._releasing += held
+        self.gate.forget(old)
+        conn.in_clone = True
+        log.warning("clone %d: restart %d of its recipient from %s in %s; %d blocks to "
+                    "send again", s.clone_id, ask.restarts, conn.peer or "local", s.state,
+                    resumed.resend)
+        self.send(ident, P.LOCS, resumed.to_body())
+
+    def orphan(self, reason: str) -> None:
+        """The recipient's connection broke: keep the clone for its REINIT (as long as
+        it asked; not at all when it asked for no restart)."""
+        s = self.session
+        if s is None or s.phase is not Phase.ACTIVE:
+            return
+        if s.delivered:  # the rest (FILE SYNC, RECOVERY) is the recipient's own
+            log.info("clone %d: every block delivered, and %s; the clone ends here",
+                     s.clone_id, reason)
+            self.stats.end(s.clone_id, True, 0, "")
+            self.end_session(None, send_error=False)
+            return
+        if s.restart_timeout == 0:
+            log.warning("clone %d: %s; no restart asked, the clone ends", s.clone_id,
+                        reason)
+            self.end_session(None, send_error=False)
+            return
+        log.warning("clone %d: %s; kept %d s for its recipient to come back", s.clone_id,
+                    reason, s.restart_timeout)
+        self.gate.forget(s.streams)
+        s.former.update(s.streams)
+        self._releasing += s.orphan(time.monotonic())
+
     def _dispatch(self, ident: bytes, msg: P.Message) -> None:
         s = self.session
         if s is None or (msg.body.get("clone_id") != s.clone_id):
             raise ProtocolError("no such clone (it ended, or the donor restarted)")
+        if s.phase is not Phase.ACTIVE:
+            # The clone waits for its recipient's REINIT: a stream that joins (or a
+            # command that was on its way) meets silence, which makes it restart.
+            log.debug("clone %d: %s ignored while the clone waits for a restart",
+                      s.clone_id, msg.name)
+            return
         if ident not in s.streams and msg.kind != P.ATTACH:
             raise ProtocolError("a stream that did not ATTACH")
+        s.last_any = time.monotonic()
         # Liveness is progress: an empty ACK (the recipient's ping) does not keep the
         # one-clone slot; blocks written, and every other command, do.
         if not (msg.kind == P.ACK and not msg.body.get("blocks")):
@@ -492,9 +592,9 @@ class DonorServer:
             raise ProtocolError(f"unexpected command {msg.name}")
 
     def _on_read(self, reply: list[Any]) -> None:
-        (clone_id, seq), slot, length, xxh, segs, span, problems = reply
+        (tag, seq), slot, length, xxh, segs, span, problems = reply
         s = self.session
-        if s is None or clone_id != s.clone_id:
+        if s is None or tag != s.tag:
             assert self.ring is not None
             self.ring.release(slot)  # a read for a clone that has ended
             return
@@ -507,11 +607,11 @@ class DonorServer:
                 self.end_session(exc, send_error=True)
 
     def _on_compressed(self, reply: list[Any]) -> None:
-        (clone_id, seq), in_slot, out_slot, codec, wire, xxh, moved = reply
+        (tag, seq), in_slot, out_slot, codec, wire, xxh, moved = reply
         assert self.ring is not None and self.out_ring is not None
         s = self.session
         block = s.compressed(seq, out_slot, codec, wire, xxh, moved) \
-            if s is not None and clone_id == s.clone_id else None
+            if s is not None and tag == s.tag else None
         if block is None:  # a block of a clone that has ended
             self.ring.release(in_slot)
             self.out_ring.release(out_slot)
@@ -545,6 +645,17 @@ class DonorServer:
                 self._error(ident, err)
         s = self.session
         if s is None:
+            return
+        if s.phase is Phase.ORPHANED:
+            if now > s.deadline:
+                log.warning("clone %d: its recipient did not come back within %d s; the "
+                            "clone ends", s.clone_id, s.restart_timeout)
+                self.stats.end(s.clone_id, False, NetworkError.errno, "the recipient did "
+                               "not come back after a network failure")
+                self.end_session(None, send_error=False)
+            return
+        if now - s.last_any > ORPHAN_AFTER:
+            self.orphan(f"no word from its recipient for {ORPHAN_AFTER:.0f} s")
             return
         if now - s.last_heard > self.idle_timeout:
             log.warning("clone %d: recipient silent for %.0f s; dropping the clone",

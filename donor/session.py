@@ -9,9 +9,10 @@ commands of its recipient (:meth:`execute`, :meth:`ack`, :meth:`next_state`) and
 sends what credit allows (:meth:`pump`). The server (:mod:`donor.server`) keeps the
 socket, the rings and the worker pools, and hands the session what concerns it.
 
-Its :class:`Phase` says what it may do: ACTIVE serves; ENDED is final (its slots went
-back to the server). The phases of later features (authenticating before ACTIVE, an
-orphaned clone waiting for its recipient to come back) are added here as phases.
+Its :class:`Phase` says what it may do: ACTIVE serves; ORPHANED has lost its recipient
+(a send failed, or it fell silent) and keeps the snapshot, the plan and the record of
+acknowledged blocks for the restart window the recipient asked for, waiting for its
+REINIT (:meth:`reinit`); ENDED is final (its slots went back to the server).
 """
 
 from __future__ import annotations
@@ -45,7 +46,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("clone_agent.donor")
 
 AGENT_VERSION = "clone-agent 0.1"
-KEEPALIVE_EVERY = 5.0  #: seconds, as MySQL's donor while it waits
+#: Seconds without any response on the master before a KEEPALIVE: short, so that a
+#: recipient can tell a broken connection from a busy donor within a few seconds.
+KEEPALIVE_EVERY = 1.0
+#: Seconds without any message from the recipient (it pings every 2 s) after which its
+#: connection counts as broken and the clone waits for a restart.
+ORPHAN_AFTER = 10.0
 #: Blocks of fresh pages the coordinator reads in one turn of the loop (PAGE COPY),
 #: so that the socket is served between them.
 PAGE_BLOCKS_A_TURN = 8
@@ -59,6 +65,7 @@ MAX_AGAIN = 20000
 
 class Phase(enum.Enum):
     ACTIVE = "active"
+    ORPHANED = "orphaned"
     ENDED = "ended"
 
 
@@ -106,7 +113,22 @@ class Session:
         self.snapshot_id = secrets.token_hex(8)
         self.version = P.negotiate(init.version)
         self.user = init.user
+        #: where the master connected from (a new INIT from there may take an orphaned
+        #: clone's place: its recipient started over)
+        self.peer = ""
+        self.auth_user = ""  #: who authenticated the master ("": an anonymous clone)
+        self.restart_timeout = init.restart_timeout
+        self.deadline = 0.0  #: ORPHANED: when the window for a REINIT closes
+        self.restarts = 0
+        #: states begun (0: the first FILE COPY pass); a REINIT says how many it saw
+        self.serial = -1
+        self.last_state: M.State | None = None  #: the last STATE answer, for a REINIT
+        #: tags the reads and compressions of this clone; a restart changes it, so that
+        #: what was under way before comes back as stale and is dropped
+        self.tag = [clone_id, 0]
         self.streams: dict[bytes, Stream] = {master: Stream(master, 0)}
+        #: streams forgotten at a break or a REINIT: what they still say is ignored
+        self.former: set[bytes] = set()
         self.master = master
         self.block_size = init.block_size
         self.codec = CODECS[init.compression]
@@ -139,9 +161,13 @@ class Session:
         self.inflight: dict[int, tuple[int, int, Any]] = {}  # seq -> (ring, slot, tracker)
         self.to_compress: deque[ReadyBlock] = deque()
         self.compressing: dict[int, ReadyBlock] = {}
+        #: blocks that were in flight when the connection broke: the REINIT's locator
+        #: says which of them arrived
+        self.inflight_seqs: list[int] = []
         self.start_state("FILE COPY", plan(self.entries, self.block_size,
                                            check=self.snapshot is None), "read")
-        self.last_heard = time.monotonic()
+        self.last_heard = time.monotonic()  #: progress (blocks acknowledged, commands)
+        self.last_any = time.monotonic()  #: any message, pings too
         self.last_sent = time.monotonic()
         self._rr = 0
         log.info("clone %d: %d files, %d bytes, %d blocks, for user %r", clone_id,
@@ -153,14 +179,27 @@ class Session:
         (tracked pages read fresh by the coordinator)."""
         self.state = name
         self.state_no = M.STATE_NUMBERS[name]
+        self.serial += 1
         self.blocks = blocks
         self.kind = kind
         self.next_block = 0
+        #: blocks to read again before ``next_block`` goes on (a restart's)
+        self.todo: deque[int] = deque()
+        self.done = bytearray((len(blocks) + 7) // 8)  #: a bit per block acknowledged
+        self.counted = bytearray(len(self.done))  #: ... and counted in the stage's work
         self.acked = 0
         self.complete_sent = False
         # work in MySQL's units: blocks for file and redo copy, pages for page copy
         self.server.stats.stage(self.clone_id, name, sum(map(len, blocks))
                                 if kind == "pages" else len(blocks))
+
+    @property
+    def delivered(self) -> bool:
+        """Every block of the last state acknowledged: the recipient needs nothing more
+        (FILE SYNC and RECOVERY are its own), only to say EXIT."""
+        last = self.state == "REDO COPY" if self.snapshot is not None else \
+            self.state == "FILE COPY" and not self.again
+        return last and self.complete_sent and self.acked == len(self.blocks)
 
     @property
     def busy(self) -> bool:
@@ -190,14 +229,7 @@ class Session:
     def attach(self, ident: bytes, attach: M.Attach, encrypted: bool) -> M.Locs:
         """A stream joins, if it shows the clone's secret (compared in constant time)
         and is encrypted exactly when the master is."""
-        try:
-            shown = base64.b64decode(attach.secret, validate=True)
-        except ValueError:
-            shown = b""
-        if not hmac.compare_digest(shown, self.secret):
-            raise ProtocolError("ATTACH without the clone's secret")
-        if encrypted != (self.data_key is not None):
-            raise ProtocolError("a plain stream in an encrypted clone, or the reverse")
+        self._check_secret(attach.secret, encrypted)
         if ident not in self.streams:
             if len(self.streams) >= P.MAX_STREAMS:
                 raise ProtocolError(f"more than {P.MAX_STREAMS} streams")
@@ -219,12 +251,28 @@ class Session:
             if held is None:
                 raise ProtocolError(f"ACK of block {seq!r} that is not in flight")
             freed.append(held)
-            self.acked += 1
-            self.server.stats.work(len(self.blocks[seq]) if self.kind == "pages" else 1)
+            self._done(seq)
         stream.credit = min(stream.credit + ack.credit, P.MAX_CREDIT)
         return freed
 
+    def _done(self, seq: int) -> None:
+        """Block ``seq`` is written on the recipient: counted once, however often it
+        was sent."""
+        bit = 1 << (seq & 7)
+        if self.done[seq >> 3] & bit:
+            return
+        self.done[seq >> 3] |= bit
+        self.acked += 1
+        if not self.counted[seq >> 3] & bit:  # a block sent again is not work again
+            self.counted[seq >> 3] |= bit
+            self.server.stats.work(len(self.blocks[seq]) if self.kind == "pages" else 1)
+
     def next_state(self, name: str) -> M.State:
+        state = self._next_state(name)
+        self.last_state = state
+        return state
+
+    def _next_state(self, name: str) -> M.State:
         """Move the snapshot to ``name`` (PAGE COPY after FILE COPY, REDO COPY after
         PAGE COPY) once the current state is wholly acknowledged; FILE COPY again after
         FILE COPY when its COMPLETE announced files to send again."""
@@ -349,16 +397,24 @@ class Session:
 
     def pump(self, now: float) -> None:
         """Start reads, compressions and sends as far as slots and credit allow."""
+        if self.phase is not Phase.ACTIVE:
+            return
         self._read(now)
         self._compress()
         if not self._send(now):
             return
         if self.acked == len(self.blocks) and not self.complete_sent:
             self.complete_sent = True
-            self.server.send(self.master, P.COMPLETE, self._complete().to_body())
+            if self.server.send(self.master, P.COMPLETE, self._complete().to_body()) is None:
+                self.complete_sent = False
+                self.server.orphan("the master's connection is gone")
+                return
             self.last_sent = now
         if now - self.last_sent > KEEPALIVE_EVERY:
-            self.server.send(self.master, P.KEEPALIVE, {"clone_id": self.clone_id})
+            if self.server.send(self.master, P.KEEPALIVE,
+                                {"clone_id": self.clone_id}) is None:
+                self.server.orphan("the master's connection is gone")
+                return
             self.last_sent = now
 
     def _read(self, now: float) -> None:
@@ -366,22 +422,26 @@ class Session:
         ring = server.ring
         assert ring is not None and server.readers is not None
         filled = 0
-        while self.next_block < len(self.blocks) and filled < PAGE_BLOCKS_A_TURN:
+        while (self.todo or self.next_block < len(self.blocks)) and \
+                filled < PAGE_BLOCKS_A_TURN:
             slot = ring.acquire()
             if slot is None:
                 break
+            if self.todo:
+                seq = self.todo.popleft()
+            else:
+                seq = self.next_block
+                self.next_block += 1
             if self.kind == "pages":
                 assert self.snapshot is not None
-                length, xxh, segs = self.snapshot.fill_pages(self.blocks[self.next_block],
+                length, xxh, segs = self.snapshot.fill_pages(self.blocks[seq],
                                                              ring.slot(slot))
-                self.block_read(ReadyBlock(self.next_block, 0, slot, length, xxh, segs,
+                self.block_read(ReadyBlock(seq, 0, slot, length, xxh, segs,
                                            length, 0, length))
                 filled += 1
             else:
                 w = server.readers.least_loaded()
-                server.readers.submit(w, ["read", [self.clone_id, self.next_block], slot,
-                                          self.blocks[self.next_block]])
-            self.next_block += 1
+                server.readers.submit(w, ["read", [self.tag, seq], slot, self.blocks[seq]])
 
     def _compress(self) -> None:
         server = self.server
@@ -396,7 +456,7 @@ class Session:
                 self.data_key, self.clone_id, self.state_no, block.seq, block.raw,
                 block.span, block.segs]
             server.compressors.submit(server.compressors.least_loaded(),
-                                      ["compress", [self.clone_id, block.seq], block.slot,
+                                      ["compress", [self.tag, block.seq], block.slot,
                                        out_slot, block.length, self.codec, seal])
 
     def _next_stream(self, streams: list[Stream]) -> Stream | None:
@@ -421,8 +481,8 @@ class Session:
                                        ring.slot(block.slot, block.length),
                                        copy=False, track=True)
             if tracker is None:
-                ring.release(block.slot)
-                self.server.end_session(None, send_error=False)
+                self.ready.appendleft(block)  # read again after a restart
+                self.server.orphan("a stream's connection is gone")
                 return False
             stream.credit -= 1
             stream.sent += 1
@@ -430,6 +490,91 @@ class Session:
             self.inflight[block.seq] = (block.ring, block.slot, tracker)
             self.last_sent = now
         return True
+
+    # -- restart after a network failure ---------------------------------------------------
+    def orphan(self, now: float) -> list[tuple[int, int, Any]]:
+        """ORPHANED: the recipient's connection broke. Its streams are forgotten and
+        every block not acknowledged will be read again; the snapshot and the plan stay
+        until ``deadline``. Returns the in-flight slots, to free once ZeroMQ is done."""
+        self.phase = Phase.ORPHANED
+        self.deadline = now + self.restart_timeout
+        held = self._rewind()
+        self.streams.clear()
+        self.server.stats.streams = 0
+        return held
+
+    def reinit(self, ident: bytes, ask: M.Reinit, user: str, encrypted: bool,
+               now: float) -> tuple[M.Resumed, list[Any]]:
+        """A REINIT on a new master stream: checked like an ATTACH (the secret, the
+        encryption) and against the clone's user; the blocks the locator names are
+        acknowledged, the rest is sent again. Returns the answer and the slots of what
+        was in flight. Works in ACTIVE too: the recipient may notice a broken
+        connection before the donor does. Blocks stay sealed under the clone's data key
+        (from the first master's handshake), which the recipient keeps."""
+        self._check_secret(ask.secret, encrypted)
+        if user != self.auth_user:
+            raise ProtocolError("REINIT by another user than the clone's")
+        if ask.restarts > M.MAX_RESTARTS:
+            raise ProtocolError(f"more than {M.MAX_RESTARTS} restarts")
+        loc = ask.locator
+        missed = None
+        if ask.serial == self.serial - 1 and self.last_state is not None:
+            missed = self.last_state  # its answer was lost: the recipient begins it now
+        elif ask.serial != self.serial or loc.state != self.state_no or \
+                loc.total_blocks != len(self.blocks):
+            raise ProtocolError(f"REINIT at state {ask.serial} ({loc.state}, "
+                                f"{loc.total_blocks} blocks); the clone is at state "
+                                f"{self.serial} ({self.state}, {len(self.blocks)} blocks)")
+        held = self._rewind()
+        # The locator is the recipient's word on what is on its disk, and the only one:
+        # a recipient that died may have acknowledged blocks it had not made durable.
+        self.done = bytearray(len(self.done))
+        self.acked = 0
+        for seq in range(len(self.blocks)):
+            if missed is None and loc.is_done(seq):
+                self._done(seq)
+        self.todo = deque(seq for seq in range(self.next_block) if not self._is_done(seq))
+        resend = len(self.todo)
+        self.inflight_seqs = []
+        self.streams = {ident: Stream(ident, 0)}
+        self.master = ident
+        self.server.stats.streams = 1
+        self.complete_sent = False  # said again if it was lost
+        self.phase = Phase.ACTIVE
+        self.restarts = ask.restarts
+        self.last_heard = self.last_any = self.last_sent = now
+        return M.Resumed(self.clone_id, self.serial, resend, missed), held
+
+    def _is_done(self, seq: int) -> bool:
+        return bool(self.done[seq >> 3] & (1 << (seq & 7)))
+
+    def _rewind(self) -> list[tuple[int, int, Any]]:
+        """Forget every block on its way: read, compressing, ready or in flight. What
+        is in a worker comes back under the old tag and is dropped; what was in flight
+        is remembered (``inflight_seqs``) until the REINIT says whether it arrived."""
+        self.tag = [self.clone_id, self.tag[1] + 1]
+        for block in self.ready:
+            self.server.ring_of(block.ring).release(block.slot)
+        for block in self.to_compress:
+            self.server.ring_of(0).release(block.slot)
+        self.ready.clear()
+        self.to_compress.clear()
+        self.compressing.clear()
+        self.inflight_seqs = sorted(set(self.inflight_seqs) | set(self.inflight))
+        held = list(self.inflight.values())
+        self.inflight.clear()
+        self.todo = deque(seq for seq in range(self.next_block) if not self._is_done(seq))
+        return held
+
+    def _check_secret(self, secret: str, encrypted: bool) -> None:
+        try:
+            shown = base64.b64decode(secret, validate=True)
+        except ValueError:
+            shown = b""
+        if not hmac.compare_digest(shown, self.secret):
+            raise ProtocolError("ATTACH without the clone's secret")
+        if encrypted != (self.data_key is not None):
+            raise ProtocolError("a plain stream in an encrypted clone, or the reverse")
 
     # -- the end ------------------------------------------------------------------------------
     def end(self, err: CloneError | None, send_error: bool) -> list[tuple[int, int, Any]]:

@@ -9,7 +9,7 @@ that is no setting, a TOML key or a ``CLONE_AGENT_*`` variable, raises
 :class:`~engine.errors.UnknownVariable`, as mysqld refuses to start on an unknown
 variable in its option file: a misspelt setting is never silently ignored. MySQL's clone
 variables that this build does not implement (clone_block_ddl,
-clone_delay_after_data_drop, clone_donor_timeout_after_network_failure, clone_ssl_ca,
+clone_delay_after_data_drop, clone_ssl_ca,
 clone_ssl_cert, clone_ssl_key) and REQUIRE SSL are not settings: they are refused the
 same way, with a hint that says so.
 """
@@ -98,6 +98,7 @@ VARIABLES: dict[str, Variable] = {
         Variable("autotune_concurrency", bool, True),
         Variable("buffer_size", int, 4 * MiB, 1 * MiB, 256 * MiB, "bytes"),
         Variable("ddl_timeout", int, 300, 0, 2592000, "seconds"),
+        Variable("donor_timeout_after_network_failure", int, 5, 0, 30, "minutes"),
         Variable("enable_compression", bool, False),
         Variable("max_concurrency", int, 16, 1, 128),
         Variable("max_data_bandwidth", int, 0, 0, 1048576, "MiB/s"),
@@ -113,7 +114,7 @@ VARIABLES: dict[str, Variable] = {
 #: not settings: a TOML key or ``CLONE_AGENT_*`` variable naming one is refused, with a
 #: hint that says so, rather than accepted and ignored.
 NOT_IMPLEMENTED = frozenset({
-    "block_ddl", "delay_after_data_drop", "donor_timeout_after_network_failure",
+    "block_ddl", "delay_after_data_drop",
     "ssl_ca", "ssl_cert", "ssl_key", "require_ssl",
 })
 
@@ -136,6 +137,7 @@ class CloneConfig:
     autotune_concurrency: bool = True
     buffer_size: int = 4 * MiB
     ddl_timeout: int = 300
+    donor_timeout_after_network_failure: int = 5  #: minutes
     enable_compression: bool = False
     max_concurrency: int = 16
     max_data_bandwidth: int = 0

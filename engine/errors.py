@@ -343,6 +343,14 @@ class UnknownVariable(ConfigError):
     mysqld refuses to start on an unknown variable in its option file."""
 
 
+class NoSuchClone(CloneError):
+    """``kill DIR`` where no clone runs into DIR (MySQL's KILL of an unknown id)."""
+
+    errno = 1094
+    template = "Unknown thread id: %s"
+    default_hint = "`clone-agent status DIR` shows whether a clone runs into it"
+
+
 class NoStatus(CloneError):
     errno = 8007
     template = "No clone status found for '%s'"
@@ -364,7 +372,7 @@ EXIT_STATUS_TABLE: dict[type[CloneError], int] = {
     cls: cls.exit_status
     for cls in (
         CloneError, DatabaseExists, FileExists, LockWaitTimeout, WrongValueForVar,
-        QueryInterrupted, PathInDatadir, DdlInProgress, TooManyClones, DonorError,
+        QueryInterrupted, NoSuchClone, PathInDatadir, DdlInProgress, TooManyClones, DonorError,
         NetworkError, DonorUnreachable, ProtocolError, DonorVersion, DonorOS, DonorPlatform,
         ConfigMismatch,
         SysConfig, InvalidDonorList, DiskSpace, CloneInProgress, UsageError, LocalIOError,

@@ -29,6 +29,7 @@ from engine.protocol import (
     MAX_FILES,
     MAX_FILES_PAGE,
     MAX_STREAMS,
+    Locator,
     want,
 )
 
@@ -38,6 +39,9 @@ MAX_DDL_TIMEOUT = 2592000  #: clone_ddl_timeout's ceiling, in seconds
 MAX_NAME_FIELD = 256  #: characters in a user, agent, OS or machine name
 MAX_BLOCKS = 1 << 40
 MAX_BYTES = 1 << 50
+DEFAULT_RESTART_TIMEOUT = 300  #: seconds: clone_donor_timeout_after_network_failure's 5 min
+MAX_RESTART_TIMEOUT = 1800  #: its ceiling, 30 min
+MAX_RESTARTS = 100  #: restarts of one clone, as MySQL
 
 
 def printable(text: str, limit: int = 2000) -> str:
@@ -168,9 +172,13 @@ class Init:
     xattrs: bool = True  #: send extended attributes (--no-xattrs)
     acls: bool = True  #: send POSIX ACLs (--no-acls)
     skip_unreadable: bool = False  #: a file the donor cannot read is reported, not fatal
+    #: seconds the donor keeps the clone for a REINIT after a network failure
+    #: (clone_donor_timeout_after_network_failure; 0: it ends the clone at once)
+    restart_timeout: int = DEFAULT_RESTART_TIMEOUT
 
     def to_body(self) -> dict[str, Any]:
         body = {"version": self.version, "user": self.user,
+                "restart_timeout": self.restart_timeout,
                 "agent": self.agent, "os": self.os, "machine": self.machine,
                 "streams": self.streams, "ddl_timeout": self.ddl_timeout,
                 "block_size": self.block_size, "compression": self.compression}
@@ -200,7 +208,9 @@ class Init:
             block_size=block_size, compression=compression,
             agent=_text(body, "agent"), os=_text(body, "os"), machine=_text(body, "machine"),
             xattrs=body.get("xattrs", True) is not False, acls=body.get("acls", True) is not False,
-            skip_unreadable=_flag(body, "skip_unreadable"))
+            skip_unreadable=_flag(body, "skip_unreadable"),
+            restart_timeout=want(body, "restart_timeout", int, 0, MAX_RESTART_TIMEOUT)
+            if "restart_timeout" in body else DEFAULT_RESTART_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -287,6 +297,58 @@ class Locs:
     def from_body(cls, body: dict[str, Any]) -> Locs:
         return cls(want(body, "clone_id", int, 0),
                    want(body, "stream", int, 0, MAX_STREAMS) if "stream" in body else 0)
+
+
+@dataclass(frozen=True)
+class Reinit:
+    """REINIT: a recipient whose connection broke comes back to clone ``clone_id``, on a
+    new master stream after HELLO and AUTH, showing CONFIG's secret. ``serial`` counts
+    the states it has begun (0: the first FILE COPY pass); ``locator`` says which blocks
+    of its current state are written; ``restarts`` counts its restarts, this one too."""
+
+    clone_id: int
+    secret: str = field(repr=False)
+    serial: int
+    locator: Locator
+    restarts: int
+
+    def to_body(self) -> dict[str, Any]:
+        return {"clone_id": self.clone_id, "secret": self.secret, "serial": self.serial,
+                "locator": self.locator.to_body(), "restarts": self.restarts}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Reinit:
+        return cls(want(body, "clone_id", int, 0), _text(body, "secret", limit=KEY_FIELD),
+                   want(body, "serial", int, 0, 64),
+                   Locator.from_body(want(body, "locator", dict)),
+                   want(body, "restarts", int, 1, MAX_RESTARTS))
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The donor's answer to REINIT (type LOCS, MySQL's answer to it): the clone goes
+    on. ``serial``: the states the donor has begun; when it is one more than the
+    recipient's, ``missed`` is the STATE answer that never arrived, and the recipient
+    begins that state. ``resend``: blocks of the current state it will send again."""
+
+    clone_id: int
+    serial: int
+    resend: int
+    missed: State | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        return {"clone_id": self.clone_id, "stream": 0, "serial": self.serial,
+                "resend": self.resend,
+                "missed": self.missed.to_body() if self.missed is not None else None}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Resumed:
+        missed = body.get("missed")
+        if missed is not None and not isinstance(missed, dict):
+            raise ProtocolError("field 'missed' is not an object")
+        return cls(want(body, "clone_id", int, 0), want(body, "serial", int, 0, 64),
+                   want(body, "resend", int, 0, MAX_BLOCKS),
+                   State.from_body(missed) if missed is not None else None)
 
 
 # -- the manifest ---------------------------------------------------------------------
@@ -859,11 +921,17 @@ class ErrorBody:
 
     error_no: int
     error_message: str
+    hint: str = ""  #: optional: what the user can do (3634: when the slot frees)
 
     def to_body(self) -> dict[str, Any]:
-        return {"error_no": self.error_no, "error_message": self.error_message}
+        body: dict[str, Any] = {"error_no": self.error_no,
+                                "error_message": self.error_message}
+        if self.hint:
+            body["hint"] = self.hint
+        return body
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> ErrorBody:
         return cls(want(body, "error_no", int, 0, 65535),
-                   str(body.get("error_message", ""))[:4096])
+                   str(body.get("error_message", ""))[:4096],
+                   str(body.get("hint", ""))[:500])

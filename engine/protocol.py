@@ -198,11 +198,13 @@ def want(body: dict[str, Any], key: str, kind: type | tuple[type, ...], low: int
 
 @dataclass
 class Locator:
-    """Where a clone stands: which chunks are done and, for the others, the next block.
+    """Where a clone stands: the blocks of the current state that are written.
 
     A chunk is ``BLOCKS_PER_CHUNK`` consecutive blocks of the donor's plan (which is
-    fixed by the snapshot), so a stream can resume at (chunk, block) after a network
-    failure and at most one block per chunk is sent twice.
+    fixed by the snapshot): a bit per finished chunk, and for each chunk begun but not
+    finished the mask of its blocks written (bit b: block chunk * 64 + b). Blocks are
+    written out of order (many streams, many writers), so the mask is exact where a
+    "next block" would skip a gap. The donor sends again only what it does not name.
     """
 
     clone_id: int
@@ -211,7 +213,6 @@ class Locator:
     total_blocks: int
     chunks_done: bytearray = field(default_factory=bytearray)
     in_progress: dict[int, int] = field(default_factory=dict)
-    _done_in_chunk: dict[int, set[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         nchunks = -(-self.total_blocks // BLOCKS_PER_CHUNK)
@@ -225,17 +226,29 @@ class Locator:
         chunk, block = divmod(seq, BLOCKS_PER_CHUNK)
         if self.is_chunk_done(chunk):
             return
-        done = self._done_in_chunk.setdefault(chunk, set())
-        done.add(block)
-        if len(done) >= self.chunk_size(chunk):
-            del self._done_in_chunk[chunk]
+        mask = self.in_progress.get(chunk, 0) | (1 << block)
+        if mask == (1 << self.chunk_size(chunk)) - 1:
             self.in_progress.pop(chunk, None)
             self.chunks_done[chunk // 8] |= 1 << (chunk % 8)
         else:
-            self.in_progress[chunk] = max(self.in_progress.get(chunk, 0), block + 1)
+            self.in_progress[chunk] = mask
 
     def is_chunk_done(self, chunk: int) -> bool:
         return bool(self.chunks_done[chunk // 8] & (1 << (chunk % 8)))
+
+    def is_done(self, seq: int) -> bool:
+        chunk, block = divmod(seq, BLOCKS_PER_CHUNK)
+        return self.is_chunk_done(chunk) or bool(self.in_progress.get(chunk, 0) >> block & 1)
+
+    def count(self) -> int:
+        """Blocks written."""
+        whole = sum(self.chunk_size(c) for c in range(-(-self.total_blocks // BLOCKS_PER_CHUNK))
+                    if self.is_chunk_done(c))
+        return whole + sum(bin(m).count("1") for m in self.in_progress.values())
+
+    def copy(self) -> Locator:
+        return Locator(self.clone_id, self.snapshot_id, self.state, self.total_blocks,
+                       bytearray(self.chunks_done), dict(self.in_progress))
 
     def to_body(self) -> dict[str, Any]:
         return {
@@ -252,15 +265,16 @@ class Locator:
         total = want(body, "total_blocks", int, 0, 1 << 40)
         try:
             done = bytearray(base64.b64decode(want(body, "chunks_done", str), validate=True))
-            progress = {int(k): int(v) for k, v in want(body, "in_progress", dict).items()}
+            progress = {int(k): v for k, v in want(body, "in_progress", dict).items()}
         except (ValueError, TypeError):
             raise ProtocolError("malformed locator") from None
         nchunks = -(-total // BLOCKS_PER_CHUNK)
-        if len(done) != (nchunks + 7) // 8 or any(
-            not 0 <= k < nchunks or not 0 <= v <= BLOCKS_PER_CHUNK for k, v in progress.items()
+        if len(done) != (nchunks + 7) // 8 or len(progress) > nchunks or any(
+            not 0 <= k < nchunks or type(v) is not int or not 0 < v < 1 << BLOCKS_PER_CHUNK
+            for k, v in progress.items()
         ):
             raise ProtocolError("locator out of range")
-        return cls(
+        loc = cls(
             clone_id=want(body, "clone_id", int, 0),
             snapshot_id=want(body, "snapshot_id", str),
             state=want(body, "state", int, 0, 16),
@@ -268,3 +282,6 @@ class Locator:
             chunks_done=done,
             in_progress=progress,
         )
+        if any(v >> loc.chunk_size(k) for k, v in progress.items()):
+            raise ProtocolError("locator out of range")
+        return loc

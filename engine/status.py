@@ -88,6 +88,7 @@ class CloneStatus:
     #: first MAX_WARNINGS of them ({"kind", "path", "message"}), and how many in all
     warnings: list[dict[str, str]] = field(default_factory=list)
     warning_count: int = 0
+    restarts: int = 0  #: network failures the clone resumed from (or tried to)
 
 
 def _record_path(state_dir: str, destination: str) -> str:

@@ -25,6 +25,8 @@ from engine.protocol import MAX_FRAME
 
 SOCKET_HWM = 1100  #: above protocol.MAX_CREDIT, so a credited send never meets the HWM
 SOCKET_BUFFER = 4 << 20
+HEARTBEAT_IVL_MS = 2000
+HEARTBEAT_TIMEOUT_MS = 10000
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -62,6 +64,11 @@ def router(ctx: zmq.Context[Any], host: str, port: int,
     sock = ctx.socket(zmq.ROUTER)
     _tune(sock)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    # A connection whose peer answers nothing for HEARTBEAT_TIMEOUT is closed: what was
+    # queued on it is dropped, and the slots of blocks in flight come back, while the
+    # clone waits for its recipient's REINIT on a new connection.
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     try:
         if url is not None:
             sock.bind(url)
@@ -81,8 +88,10 @@ def router(ctx: zmq.Context[Any], host: str, port: int,
 def dealer(ctx: zmq.Context[Any], url: str) -> zmq.Socket[Any]:
     sock = ctx.socket(zmq.DEALER)
     _tune(sock)
-    sock.setsockopt(zmq.RECONNECT_IVL, 200)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+    # Never reconnect by itself: a new connection would reach the donor as a stranger
+    # (a new peer, without its handshake), and the messages queued on it would be
+    # refused. A broken stream stays broken; the recipient restarts the clone instead.
+    sock.setsockopt(zmq.RECONNECT_IVL, -1)
     sock.connect(url)
     return sock
 

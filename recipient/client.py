@@ -19,6 +19,7 @@ blocks) -> PAGE COPY and REDO COPY for a page store -> FILE SYNC -> RECOVERY -> 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import threading
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine import messages as M
+from engine import protocol as P
 from engine.codec import block_size_for
 from engine.config import CloneConfig, check_valid_donor
 from engine.crypto import fingerprint
@@ -41,10 +43,12 @@ from engine.stage import Pipeline, calm_gc
 from engine.status import COMPLETED, StatusBook
 from engine.throttle import RateLimit
 from engine.transport import probe, tcp_url, tune_allocator
+from recipient import resume
 from recipient.destination import Destination
 from recipient.manifest import REDO_NAME, Manifest
 from recipient.meta import Fidelity
 from recipient.replace import ReplaceDestination
+from recipient.resume import Interrupted
 from recipient.transfer import (
     PREFER_SSL,
     START_STREAMS,
@@ -83,6 +87,7 @@ class PullOptions:
     replace: bool = False  #: replace the existing data directory ``destination``
     keep_old: str | None = None  #: with ``replace``: where the old data goes, not removed
     faults: dict[str, str] = field(default_factory=dict)  #: kill_at=POINT (tests)
+    resume: bool = False  #: continue the interrupted clone into ``destination``
 
 
 def concurrency_plan(config: CloneConfig, block_size: int) -> tuple[int, int]:
@@ -141,9 +146,11 @@ class Pull:
     def __init__(self, opts: PullOptions) -> None:
         self.o = opts
         self.book = StatusBook(f"{opts.host}:{opts.port}", opts.destination, opts.state_dir)
+        self.record: dict[str, Any] | None = None  #: --resume: DIR/#clone/#resume
         self.dest: Destination | ReplaceDestination = ReplaceDestination(
             opts.destination, self.book, (opts.host, opts.port), opts.keep_old, opts.emit,
             KillPoints(opts.faults.get("kill_at"))) if opts.replace \
+            else Interrupted(opts.destination, self.book) if opts.resume \
             else Destination(opts.destination, self.book)
         self.transfer: Transfer | None = None
         self.manifest: Manifest | None = None
@@ -151,6 +158,7 @@ class Pull:
         self.recovery: dict[str, Any] | None = None
         self.started = time.monotonic()
         self._last_progress = 0.0
+        self.checkpoint: resume.Checkpoint | None = None
 
     # -- the clone ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -159,6 +167,8 @@ class Pull:
         refused = problems_of(check_valid_donor, o.config, o.host, o.port) \
             if o.url is None else []
         self.dest.check(refused)
+        if o.resume:
+            self.record = resume.check(self.dest.root, f"{o.host}:{o.port}")
         sweep_stale()
         self.dest.create()
         try:
@@ -177,7 +187,12 @@ class Pull:
 
     def _clone(self) -> dict[str, Any]:
         o = self.o
-        block_size = block_size_for(limit_bytes(o.config))
+        rec = self.record
+        if rec is not None:  # the interrupted clone's settings, not today's defaults
+            o.config = CloneConfig(**rec["clone_config"])
+            o.keep = Fidelity(**rec["keep"])
+        block_size = block_size_for(limit_bytes(o.config)) if rec is None \
+            else int(rec["config"]["block_size"])
         n_streams, slots = concurrency_plan(o.config, block_size)
         tune_allocator()
         calm_gc()
@@ -187,10 +202,13 @@ class Pull:
         if url is None:
             probe(o.host, o.port, o.connect_timeout)
             url = tcp_url(o.host, o.port)
+        # Restart after a network failure: over a network only (clone-local has none).
+        restart = 60 * o.config.donor_timeout_after_network_failure if o.url is None else 0
         t = self.transfer = Transfer(
-            url, o.config, Timeouts(o.connect_timeout, o.idle_timeout, o.should_stop),
+            url, o.config, Timeouts(o.connect_timeout, o.idle_timeout, o.should_stop,
+                                    restart),
             self._progress, Security(o.user, o.password, o.ssl, o.pinned),
-            f"{o.host}:{o.port}")
+            f"{o.host}:{o.port}", self._restarted)
         with ExitStack() as stack:
             # A slot holds a block and, in an encrypted clone, its nonce and tag: one
             # page more, so that every slot still starts on a page (O_DIRECT from it).
@@ -201,13 +219,16 @@ class Pull:
                              ("net_limit", o.config.max_network_bandwidth)):
                 if mib:
                     writer_args[key] = stack.enter_context(RateLimit.create(mib)).name
+            if rec is not None:
+                return self._resumed(stack, t, rec, ring, writer_args, n_streams, slots)
             t.init(M.Init(
                 version=PROTOCOL_VERSION, user=o.user,
                 streams=n_streams, ddl_timeout=o.config.ddl_timeout, block_size=block_size,
                 compression=o.config.compression_algorithm
                 if o.config.enable_compression else "none",
                 os=platform.system(), machine=platform.machine(), xattrs=o.keep.xattrs,
-                acls=o.keep.acls, skip_unreadable=o.keep.skip_unreadable))
+                acls=o.keep.acls, skip_unreadable=o.keep.skip_unreadable,
+                restart_timeout=restart))
             self._security_status()
             if t.keys is not None:  # blocks are opened by the writers
                 writer_args["data_key"] = t.keys.data
@@ -231,19 +252,44 @@ class Pull:
             # Autotuning starts with START_STREAMS and adds more while they pay (tuner.py).
             t.autotune = o.config.autotune_concurrency and n_streams > START_STREAMS
             t.tuner = Tuner(n_streams, limit_bytes(o.config))
-            t.attach(min(START_STREAMS, n_streams) if t.autotune else n_streams)
+            t.begin_state(M.STATE_NUMBERS["FILE COPY"], cfg.blocks)
+            self._checkpoint(stack, cfg, n_streams)
+            t.join(min(START_STREAMS, n_streams) if t.autotune else n_streams)
             t.read_manifest(self.manifest, cfg, slots)
             self.book.stage("FILE COPY").estimate = self.manifest.total_bytes
-            t.begin_state(M.STATE_NUMBERS["FILE COPY"], cfg.blocks)
+            self._copy(cfg, ring, writers, None)
+        return self._finish()
+
+    def _copy(self, cfg: M.Config, ring: Ring, writers: Pipeline,
+              current: M.State | None) -> None:
+        """The copy stages from FILE COPY, or from the state ``current`` of a resumed
+        clone (its blocks already written are in the transfer's locator)."""
+        o, t = self.o, self.transfer
+        assert t is not None
+        at = current.state if current is not None else "FILE COPY"
+        if at == "FILE COPY":
             with EarlyFlush(self.dest.root, FLUSH_EVERY):
-                t.copy_files(cfg.blocks, ring, writers, o.keep.fail_on_change)
+                t.copy_files(current.blocks if current is not None else cfg.blocks, ring,
+                             writers, o.keep.fail_on_change)
             self._end_copy_stage("FILE COPY")
-            if cfg.paged:
-                # PAGE COPY: the pages changed since FILE COPY began, read fresh.
-                self._copy_state("PAGE COPY", ring, writers)
-                # REDO COPY: the archived redo up to the consistent point.
-                self.point = self._copy_state("REDO COPY", ring, writers).point
-            writers.close()
+        if cfg.paged:
+            # PAGE COPY: the pages changed since FILE COPY began, read fresh.
+            if at != "REDO COPY":
+                self._copy_state("PAGE COPY", ring, writers,
+                                 current if at == "PAGE COPY" else None)
+            # REDO COPY: the archived redo up to the consistent point.
+            self.point = self._copy_state("REDO COPY", ring, writers,
+                                          current if at == "REDO COPY" else None).point
+        writers.close()
+        if self.checkpoint is not None:  # nothing left to resume: the rest is local
+            self.checkpoint.close()
+            self.checkpoint = None
+            resume.remove(self.dest.root)
+
+    def _finish(self) -> dict[str, Any]:
+        """FILE SYNC, RECOVERY and the end."""
+        t = self.transfer
+        assert self.manifest is not None and t is not None
         self._file_sync()
         if self.point is not None:
             self._recover(self.point)
@@ -266,21 +312,111 @@ class Pull:
         if keys is not None and self.o.pinned is None and self.o.url is None:
             log.debug("the donor's key is %s; pin it with --ssl-ca", st.donor_key)
 
-    def _copy_state(self, name: str, ring: Ring, writers: Pipeline) -> M.State:
-        """PAGE COPY or REDO COPY: ask for the state, apply its sizes, move its blocks."""
+    def _copy_state(self, name: str, ring: Ring, writers: Pipeline,
+                    resumed: M.State | None = None) -> M.State:
+        """PAGE COPY or REDO COPY: ask for the state, apply its sizes, move its blocks.
+        ``resumed``: a resumed clone's current state, applied already, partly copied."""
         assert self.manifest is not None and self.transfer is not None
-        state = self.transfer.next_state(name)
+        state = resumed if resumed is not None else self.transfer.next_state(name)
+        if resumed is None:
+            self._apply(state)
+        self.book.begin_stage(name, estimate=state.bytes,
+                              threads=len(self.transfer.streams))
+        self._emit_stage(name)
+        if resumed is None:
+            self.transfer.begin_state(M.STATE_NUMBERS[name], state.blocks)
+        self.transfer.run(name, state.blocks, ring, writers)
+        self._end_copy_stage(name)
+        return state
+
+    def _apply(self, state: M.State, fresh: bool = True) -> None:
+        """What a STATE answer changes in the manifest (``fresh`` False: a resumed
+        clone's earlier states, whose files are written already)."""
+        assert self.manifest is not None
+        if state.state == "FILE COPY":
+            self.manifest.again(state.again, empty=fresh)
+            return
         if state.redo is not None:
             self.manifest.add_internal(state.redo.id, REDO_NAME, state.redo.bytes)
         for fid, size in state.sizes.items():
             self.manifest.grow(fid, size)
-        self.book.begin_stage(name, estimate=state.bytes,
-                              threads=len(self.transfer.streams))
-        self._emit_stage(name)
-        self.transfer.begin_state(M.STATE_NUMBERS[name], state.blocks)
-        self.transfer.run(name, state.blocks, ring, writers)
-        self._end_copy_stage(name)
-        return state
+        if state.point is not None:
+            self.point = state.point
+
+    # -- resume after the recipient died ------------------------------------------------
+    def _checkpoint(self, stack: ExitStack, cfg: M.Config, streams: int) -> None:
+        """Record where the clone stands, for `pull --resume` (over a network only)."""
+        t, o = self.transfer, self.o
+        if t is None or not t.t.restart:
+            return
+        self.checkpoint = stack.enter_context(resume.Checkpoint(self.dest.root, {
+            "source": f"{o.host}:{o.port}", "user": o.user, "clone_id": t.clone_id,
+            "secret": t.secret, "data_key": resume.b64(t.keys.data if t.keys else None),
+            "donor_key": resume.b64(t.donor_key), "config": cfg.to_body(),
+            "streams": streams, "clone_config": o.config.as_dict(),
+            "keep": dataclasses.asdict(o.keep), "restart_timeout": t.t.restart}))
+
+    def _offer(self) -> None:
+        t = self.transfer
+        if self.checkpoint is None or t is None or t.written is None:
+            return
+        # data counts the blocks the locator names: both taken at once, so that a
+        # resumed clone's counters go on from here and count nothing twice
+        earlier = {row.stage: [row.data, row.network] for row in self.book.progress
+                   if row.stage in M.STATE_NUMBERS and row.state == COMPLETED}
+        self.checkpoint.offer({"serial": t.serial, "restarts": t.restarts,
+                               "states": [st.to_body() for st in t.states],
+                               "locator": t.written.copy().to_body(),
+                               "data": t.data_bytes, "earlier": earlier},
+                              time.monotonic())
+
+    def _resumed(self, stack: ExitStack, t: Transfer, rec: dict[str, Any], ring: Ring,
+                 writer_args: dict[str, Any], n_streams: int, slots: int) -> dict[str, Any]:
+        """`pull --resume`: the interrupted clone's record, REINIT, its manifest again,
+        then the copy from where the record says."""
+        o = self.o
+        cfg = M.Config.from_body(rec["config"], int(rec["config"]["block_size"]))
+        states = [M.State.from_body(body) for body in rec["states"]]
+        data_key = resume.unb64(rec.get("data_key"))
+        t.adopt(cfg, rec["secret"], data_key, resume.unb64(rec.get("donor_key")),
+                int(rec["serial"]), states, P.Locator.from_body(rec["locator"]),
+                int(rec.get("restarts", 0)))
+        if data_key is not None:
+            writer_args["data_key"] = data_key
+        writers = stack.enter_context(Pipeline(
+            "writer", "recipient.writer:Writer", o.writers, writer_args))
+        t.local = Writer(-1, writer_args)
+        stack.callback(t.local.close)
+        self.dest.attach_status()
+        self._emit_status()
+        missed = t.resume_clone(max(1, int(rec["streams"])))
+        self._security_status()
+        self._end_stage("DROP DATA")
+        self.book.begin_stage("FILE COPY", estimate=cfg.bytes, threads=1)
+        self._emit_stage("FILE COPY")
+        self.manifest = Manifest(self.dest.root, cfg.files, cfg.paged, o.keep, self._warn)
+        self.manifest.resuming = True
+        stack.callback(self.manifest.close)
+        self._checkpoint(stack, cfg, int(rec["streams"]))
+        t.read_manifest(self.manifest, cfg, slots)
+        self.book.stage("FILE COPY").estimate = self.manifest.total_bytes
+        for state in states:
+            self._apply(state, fresh=False)
+        if missed is not None:  # its answer never reached the recipient that died
+            self._apply(missed)
+            t.begin_state(M.STATE_NUMBERS[missed.state], missed.blocks)
+        current = t.states[-1] if t.states else None
+        earlier = rec.get("earlier") or {}
+        for name in ("FILE COPY", "PAGE COPY"):
+            if name in earlier and (current is None or current.state != name):
+                if name != "FILE COPY":
+                    self.book.begin_stage(name)
+                self.book.update(name, *earlier[name])
+                self._end_stage(name)
+        if missed is None:
+            t.data_bytes = int(rec.get("data") or 0)
+        self._copy(cfg, ring, writers, current)
+        return self._finish()
 
     def _file_sync(self) -> None:
         """FILE SYNC: sizes, links, modes and times; then everything durable."""
@@ -336,6 +472,7 @@ class Pull:
 
     def _progress(self, stage: str, data: int, network: int, threads: int) -> None:
         self.book.update(stage, data, network, threads=threads)
+        self._offer()
         now = time.monotonic()
         if now - self._last_progress < 0.5:
             return
@@ -345,6 +482,12 @@ class Pull:
                      "estimate": st.estimate,
                      "data": st.data, "network": st.network, "data_speed": st.data_speed,
                      "network_speed": st.network_speed, "threads": st.threads})
+
+    def _restarted(self, event: dict[str, Any]) -> None:
+        """A network failure, or the clone resumed after one: said on stderr (or as an
+        event), and counted in clone_status."""
+        self.book.status.restarts = event["restarts"]
+        self.o.emit({**event, "t": round(time.monotonic() - self.started, 3)})
 
     def _emit_stage(self, stage: str) -> None:
         st = self.book.stage(stage)

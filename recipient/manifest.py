@@ -83,6 +83,15 @@ class Manifest:
         self._empty_again = 0 if keep.direct_copy else os.O_TRUNC
         #: entries that were not made (a device as another user, a vanished file)
         self.missing: set[int] = set()
+        #: a resumed clone's manifest: its directories exist already
+        self.resuming = False
+
+    def _is_dir(self, rel: str) -> bool:
+        """``rel`` is a directory of ours, not a link to one (a resumed clone's)."""
+        import stat
+
+        with self._at(rel) as (dfd, name):
+            return stat.S_ISDIR(os.lstat(name, dir_fd=dfd).st_mode)
 
     def add_page(self, page: M.FilesPage) -> bool:
         for raw in page.entries:
@@ -112,7 +121,12 @@ class Manifest:
         self.names.add(rel)
         if entry.kind == "d" and entry is not self.top:
             self.dirs.add(rel)
-            mkdir_at(self._root_fd(), rel, 0o700)
+            try:
+                mkdir_at(self._root_fd(), rel, 0o700)
+            except FileExistsError:
+                if not self.resuming or not self._is_dir(rel):
+                    raise
+
         elif entry.kind == "f":
             self.total_bytes += entry.size
             if self.can_preallocate and entry.size >= PREALLOCATE_MIN and entry.dense:
@@ -170,9 +184,10 @@ class Manifest:
         return mode, uid, gid, Applier.times(item)[0]
 
     # -- a plain tree that changed while the donor read it -----------------------------
-    def again(self, rows: list[M.Again]) -> None:
+    def again(self, rows: list[M.Again], empty: bool = True) -> None:
         """Files the donor sends again, as they are now: emptied, to be written anew
-        (on clone-local's fast path, the donor clears what is stale itself)."""
+        (on clone-local's fast path, the donor clears what is stale itself; ``empty``
+        False: a resumed clone's pass already under way, whose blocks on disk stay)."""
         for row in rows:
             item = self.items.get(row.id)
             if item is None or item.kind != "f" or row.id in self.internal:
@@ -182,6 +197,8 @@ class Manifest:
                 item, size=row.size, mode=row.mode, mtime_ns=row.mtime_ns,
                 atime_ns=row.atime_ns, dense=row.dense)
             self.done.discard(row.id)
+            if not empty:
+                continue
             with self._at(item.rel) as (dfd, name):
                 try:
                     fd = os.open(name, OPEN_FLAGS | self._empty_again, 0o600, dir_fd=dfd)

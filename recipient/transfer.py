@@ -11,15 +11,28 @@ disk. It keeps a record of which blocks of the current state are written
 Flow control is by credit: each stream is granted a share of the ring's slots, so data
 in flight is bounded by the ring whatever the size of the clone. ``should_stop`` is
 polled between messages; every wait is bounded (``connect_timeout`` for the handshake,
-``idle_timeout`` for a donor that falls silent).
+``idle_timeout`` for a donor that makes no progress).
 
-Just past 600 lines: the handshake and authentication of a stream live here with the
-streams they set up; they are the first candidates to move out when it grows.
+A broken connection (a send that fails, or ``LINK_SILENT`` seconds without a word from
+the donor, which says KEEPALIVE every second when it has nothing else to say) is a
+:class:`LinkLost`. After CONFIG, every exchange meets it the same way (:meth:`_restart`,
+MySQL's restart after a network failure): the blocks handed to the writers are
+written, the streams closed, and a new master stream (HELLO, AUTH) sends REINIT with
+the locator, every ``RETRY_EVERY`` seconds until the window the user gave
+(clone_donor_timeout_after_network_failure) has passed; the other streams ATTACH again
+and the exchange goes on where it was. A donor that refuses the connection outright is
+gone (its process ended): that fails at once.
+
+Past 600 lines: the handshake and authentication of a stream live here with the
+streams they set up, and the restart with the exchanges it resumes; the handshake is
+the first candidate to move out.
 """
 
 from __future__ import annotations
 
 import logging
+import select
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,7 +65,7 @@ from engine.errors import (
 from engine.ring import Ring
 from engine.stage import Pipeline
 from engine.throttle import MiB
-from engine.transport import dealer, mapped_errors
+from engine.transport import dealer
 from recipient.manifest import Manifest
 from recipient.tuner import Tuner
 from recipient.writer import Piece, WriteOrder, Writer
@@ -68,6 +81,11 @@ WRITERS_READY_TIMEOUT = 60.0  #: seconds for the writer processes to start
 #: the checks and the directories made, and at most this many pages wait in memory.
 MANIFEST_WINDOW = 4
 PING_EVERY = 2.0  #: seconds between empty ACKs that tell the donor we are alive
+#: Seconds without any message from the donor (it says KEEPALIVE every second when it
+#: has nothing else to send) after which a connection counts as broken.
+LINK_SILENT = 5.0
+RETRY_EVERY = 5.0  #: seconds between attempts to reach the donor again, as MySQL
+SETTLE_TIMEOUT = 60.0  #: seconds for the writers to finish what they hold, at a restart
 #: Messages read from one stream before the others get a turn.
 BURST = 64
 
@@ -96,8 +114,18 @@ class Security:
 @dataclass
 class Timeouts:
     connect: float = 10.0  #: the handshake (CONFIG, LOCS)
-    idle: float = 60.0  #: a donor silent for this long has failed
+    idle: float = 60.0  #: a donor without progress for this long has failed
     should_stop: Callable[[], bool] = field(default=lambda: False)
+    #: seconds to keep trying after a network failure (0: no restart, fail at once)
+    restart: float = 0.0
+
+
+class LinkLost(NetworkError):
+    """A stream's connection broke or fell silent: a restart may recover it."""
+
+
+#: Told of each network failure and each resumption: a ``restart`` event.
+RestartSink = Callable[[dict[str, Any]], None]
 
 
 def limit_bytes(config: CloneConfig) -> int:
@@ -111,8 +139,17 @@ class Transfer:
     """The streams of one clone, from INIT to EXIT. ``close()`` ends them."""
 
     def __init__(self, url: str, config: CloneConfig, timeouts: Timeouts,
-                 progress: Progress, security: Security, where: str = "") -> None:
+                 progress: Progress, security: Security, where: str = "",
+                 on_restart: RestartSink = lambda event: None) -> None:
         self.url = url
+        self.on_restart = on_restart
+        self.restarts = 0
+        self.serial = 0  #: states begun, as the donor counts them (REINIT's ``serial``)
+        self.data_key: bytes | None = None  #: the clone's block key, kept across restarts
+        self.donor_key: bytes | None = None  #: the donor's static key, pinned at the start
+        self.stage = "FILE COPY"
+        self.states: list[M.State] = []  #: every STATE answer so far (for a resume)
+        self.last_word = time.monotonic()  #: any message from the donor, keep-alives too
         self.security = security
         self.where = where  #: HOST:PORT, for messages
         #: the control cipher of each stream (None: a plain stream)
@@ -160,20 +197,25 @@ class Transfer:
 
     def send(self, i: int, kind: int, msg: Any) -> None:
         cipher = self.ciphers[i] if kind not in P.UNSEALED_COMMANDS else None
-        with mapped_errors("sending to the donor"):
+        try:
             self.streams[i].send_multipart(P.command(kind, msg.to_body(), cipher),
                                            zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # no connection left (it broke), or its queue full
+            raise LinkLost(f"sending to the donor: {exc.strerror}") from exc
 
     def _recv(self, i: int) -> P.Message:
-        with mapped_errors("receiving from the donor"):
+        try:
             frames = self.streams[i].recv_multipart(copy=False)
+        except zmq.ZMQError as exc:
+            raise LinkLost(f"receiving from the donor: {exc.strerror}") from exc
+        self.last_word = time.monotonic()
         self.net_bytes += sum(len(f.buffer) for f in frames)
         msg = P.decode(frames, P.RESP, self.ciphers[i])
         if msg.kind == P.ERROR:
             err = M.ErrorBody.from_body(msg.body)
             text = M.printable(err.error_message)
             if err.error_no in PASS_THROUGH:
-                raise by_number(err.error_no, text)
+                raise by_number(err.error_no, text, M.printable(err.hint, 500) or None)
             raise DonorError(f"{err.error_no} : {text.rstrip('.')}")
         return msg
 
@@ -194,9 +236,11 @@ class Transfer:
             if self.t.should_stop():
                 raise QueryInterrupted()
             left = deadline - time.monotonic()
+            if self.written is not None and time.monotonic() - self.last_word > LINK_SILENT:
+                raise LinkLost(f"no word from the donor for {LINK_SILENT:g} s")
             if left <= 0:
-                raise NetworkError(f"no answer from the donor to {what} within {timeout:g} s",
-                                   hint="the donor or the network stopped; try again")
+                raise LinkLost(f"no answer from the donor to {what} within {timeout:g} s",
+                               hint="the donor or the network stopped; try again")
             ready = dict(poller.poll(int(min(left, 0.2) * 1000)))
             if i and self.streams[0] in ready:
                 msg = self._recv(0)  # an ERROR raises
@@ -233,6 +277,8 @@ class Transfer:
             try:
                 msg = self.wait(i, self.t.connect, "HELLO")
             except NetworkError as exc:
+                if self.clone_id:  # a clone under way: the network, not a wrong address
+                    raise
                 raise DonorUnreachable(
                     f"Connect failed: 2003 : no clone-agent answered at '{self.where}' "
                     f"within {self.t.connect:g} s",
@@ -242,8 +288,11 @@ class Transfer:
             reply = M.HelloReply.from_body(msg.body)
             if reply.encrypted and hello is not None:
                 keys = hello.finish(reply.e, reply.s, reply.confirm, sec.pinned)
+                if i == 0 and self.donor_key not in (None, keys.donor_key):
+                    raise SslError("the donor's key is not the one this clone began with")
                 if i == 0:
                     self.keys = keys
+                    self.donor_key = keys.donor_key
                 elif self.keys is None or keys.donor_key != self.keys.donor_key:
                     raise SslError("a stream of the clone reached another donor key")
                 self.ciphers[i] = crypto.ControlCipher(keys.r2d, keys.d2r)
@@ -302,6 +351,14 @@ class Transfer:
         self.secret = cfg.secret
         return cfg
 
+    def join(self, n: int) -> None:
+        """The streams of the clone after CONFIG: ``n`` in all (a restart, if the
+        connection breaks meanwhile, opens them all anew)."""
+        try:
+            self.attach(n)
+        except LinkLost as exc:
+            self._restart(exc, n)
+
     def attach(self, n: int, start: int = 1, before_data: bool = True) -> None:
         """Open streams ``start`` .. ``n-1`` (ATTACH, LOCS). ``before_data``: no data is
         in flight yet, so stream 0 is watched for an ERROR meanwhile."""
@@ -324,13 +381,18 @@ class Transfer:
         asked = page = 0
         credited = False
         while True:
-            while asked <= page or (asked < pages and asked - page < MANIFEST_WINDOW):
-                self.send(0, P.EXECUTE, M.Execute(self.clone_id, "files", page=asked))
-                asked += 1
-            if not credited and asked == pages:
-                self.grant_credit(slots)
-                credited = True
-            msg = self.wait(0, self.t.idle, "EXECUTE files")
+            try:
+                while asked <= page or (asked < pages and asked - page < MANIFEST_WINDOW):
+                    self.send(0, P.EXECUTE, M.Execute(self.clone_id, "files", page=asked))
+                    asked += 1
+                if not credited and asked == pages:
+                    self.grant_credit(slots)
+                    credited = True
+                msg = self.wait(0, self.t.idle, "EXECUTE files")
+            except LinkLost as exc:
+                self._restart(exc)  # credit, if granted, is granted again
+                asked = page  # the pages asked for and not received are asked again
+                continue
             files = M.FilesPage.from_body(msg.body) if msg.kind == P.FILES else None
             if files is None or files.page != page:
                 raise ProtocolError(f"{msg.name} instead of FILES page {page}")
@@ -346,15 +408,32 @@ class Transfer:
             raise ProtocolError("manifest shorter than announced")
 
     def next_state(self, name: str) -> M.State:
-        """Ask the donor for the next snapshot state; its STATE answer."""
-        self.send(0, P.EXECUTE, M.Execute(self.clone_id, "state", state=name))
-        msg = self.wait(0, self.t.idle, f"EXECUTE {name}")
-        if msg.kind != P.STATE:
-            raise ProtocolError(f"{msg.name} instead of STATE {name}")
-        state = M.State.from_body(msg.body)
+        """Ask the donor for the next snapshot state; its STATE answer. Across a
+        restart: asked again, or taken from the REINIT answer if it was lost."""
+        while True:
+            try:
+                state = self._ask_state(name)
+                break
+            except LinkLost as exc:
+                missed = self._restart(exc).missed
+                if missed is not None:
+                    state = missed
+                    break
         if state.state != name:
             raise ProtocolError(f"STATE {state.state!r} instead of {name}")
+        self.serial += 1
+        self.states.append(state)
         return state
+
+    def _ask_state(self, name: str) -> M.State:
+        self.send(0, P.EXECUTE, M.Execute(self.clone_id, "state", state=name))
+        while True:
+            msg = self.wait(0, self.t.idle, f"EXECUTE {name}")
+            if msg.kind != P.COMPLETE:  # a COMPLETE said again after a restart
+                break
+        if msg.kind != P.STATE:
+            raise ProtocolError(f"{msg.name} instead of STATE {name}")
+        return M.State.from_body(msg.body)
 
     # -- credit -------------------------------------------------------------------------
     def grant_credit(self, slots: int) -> None:
@@ -444,15 +523,30 @@ class Transfer:
 
     def run(self, stage: str, total_blocks: int, ring: Ring, writers: Pipeline) -> None:
         """Receive every block of ``stage``, hand it to a writer, acknowledge it once it
-        is written; returns after COMPLETE, when the last block is on disk."""
+        is written; returns after COMPLETE, when the last block is on disk. A broken
+        connection is restarted, and the blocks go on from where the locator says."""
+        self.stage = stage
+        origin: dict[int, tuple[int, int]] = {}  # block seq -> (stream index, span)
+        complete = False
+        while True:
+            try:
+                self._run(stage, total_blocks, ring, writers, origin, complete)
+                break
+            except LinkLost as exc:
+                complete = False  # said again by the donor, once every block is written
+                self._settle(writers, ring, origin)
+                self._restart(exc)
+        if len(self.seen) != total_blocks:
+            raise ProtocolError(f"COMPLETE after {len(self.seen)} of {total_blocks} blocks")
+
+    def _run(self, stage: str, total_blocks: int, ring: Ring, writers: Pipeline,
+             origin: dict[int, tuple[int, int]], complete: bool) -> None:
         poller = zmq.Poller()
         for sock in self.streams:
             poller.register(sock, zmq.POLLIN)
         for fd in writers.fds + writers.sentinels():
             poller.register(fd, zmq.POLLIN)
-        origin: dict[int, tuple[int, int]] = {}  # block seq -> (stream index, span)
-        complete = False
-        last_heard = last_ping = time.monotonic()
+        last_heard = last_ping = self.last_word = time.monotonic()
         self.tuner.reset(last_heard, self.data_bytes, len(self.streams))
         while not (complete and self.blocks_done == total_blocks):
             if self.t.should_stop():
@@ -477,12 +571,12 @@ class Transfer:
             if now - last_ping > PING_EVERY:
                 self.send(0, P.ACK, M.Ack(self.clone_id, [], 0))
                 last_ping = now
-            if now - last_heard > self.t.idle:
+            if now - self.last_word > LINK_SILENT:
+                raise LinkLost(f"no word from the donor for {LINK_SILENT:g} s")
+            if now - last_heard > self.t.idle:  # it answers, and moves nothing: no restart
                 raise NetworkError(f"the donor has been silent for {self.t.idle:g} s "
                                    "(no block, at most keep-alives)")
             self.progress(stage, self.data_bytes, self.net_bytes, len(self.streams))
-        if len(self.seen) != total_blocks:
-            raise ProtocolError(f"COMPLETE after {len(self.seen)} of {total_blocks} blocks")
 
     def _drain(self, i: int, stage: str, ring: Ring, writers: Pipeline,
                origin: dict[int, tuple[int, int]], total: int) -> tuple[bool, bool]:
@@ -505,8 +599,9 @@ class Transfer:
         return complete, progressed
 
     def _acknowledge(self, writers: Pipeline, ring: Ring,
-                     origin: dict[int, tuple[int, int]]) -> bool:
-        """Free and ACK every block written since the last call; True if any was."""
+                     origin: dict[int, tuple[int, int]], send: bool = True) -> bool:
+        """Free and ACK every block written since the last call; True if any was.
+        ``send``: False at a restart, where the locator says it instead."""
         acks: dict[int, list[int]] = {}
         for seq, slot in self._written(writers):
             ring.release(slot)
@@ -516,7 +611,7 @@ class Transfer:
             assert self.written is not None
             self.written.block_done(seq)
             acks.setdefault(stream_index, []).append(seq)
-        if acks:
+        if acks and send:
             self._rebalance(acks)
         return bool(acks)
 
@@ -585,9 +680,154 @@ class Transfer:
             raise StageCrashed("writer", f"not ready within {WRITERS_READY_TIMEOUT:.0f} s")
         return done
 
+    # -- restart after a network failure --------------------------------------------------
+    def adopt(self, cfg: M.Config, secret: str, data_key: bytes | None,
+              donor_key: bytes | None, serial: int, states: list[M.State],
+              written: P.Locator, restarts: int) -> None:
+        """Take over an interrupted clone (`pull --resume`) from its record."""
+        self.clone_id = cfg.clone_id
+        self.block_size = cfg.block_size
+        self.paged = cfg.paged
+        self.secret = secret
+        self.data_key = data_key
+        self.donor_key = donor_key
+        self.serial = serial
+        self.states = list(states)
+        self.restarts = restarts
+        self.state_no = written.state
+        self.written = written
+        self.seen = {seq for seq in range(written.total_blocks) if written.is_done(seq)}
+        self.blocks_done = len(self.seen)
+
+    def resume_clone(self, streams: int) -> M.State | None:
+        """REINIT for an adopted clone; the STATE its recipient never saw, if any (the
+        caller begins it)."""
+        missed = self._restart(LinkLost("the recipient that ran this clone ended"),
+                               streams).missed
+        if missed is not None:
+            self.serial += 1
+            self.states.append(missed)
+        return missed
+
+
+    def _settle(self, writers: Pipeline, ring: Ring,
+                origin: dict[int, tuple[int, int]]) -> None:
+        """Wait for the writers to write every block handed to them: the locator then
+        names exactly what is on disk, and nothing handed over is sent twice."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while origin:
+            if time.monotonic() > deadline:
+                raise StageCrashed("writer", f"blocks not written within "
+                                   f"{SETTLE_TIMEOUT:.0f} s")
+            if self.t.should_stop():
+                raise QueryInterrupted()
+            select.select(writers.fds + writers.sentinels(), [], [], 0.2)
+            self._acknowledge(writers, ring, origin, send=False)
+
+    def _close_streams(self) -> None:
+        for sock in self.streams:
+            sock.close(linger=0)
+        self.streams = []
+        self.ciphers = []
+
+    def _restart(self, err: LinkLost, count: int = 0) -> M.Resumed:
+        """Reach the donor again and resume the clone (REINIT), every RETRY_EVERY
+        seconds until the window passes; the streams are as many as before."""
+        window = self.t.restart
+        if window <= 0 or not self.clone_id:
+            raise err
+        if self.restarts >= M.MAX_RESTARTS:
+            raise NetworkError(f"{err.message}; the clone restarted {M.MAX_RESTARTS} "
+                               "times already") from err
+        lost = time.monotonic()
+        count = max(1, count, len(self.streams))
+        self._close_streams()
+        self.restarts += 1
+        log.warning("connection to the donor lost in %s (%s); reconnecting for up to "
+                    "%g s", self.stage, err.message, window)
+        self.on_restart({"event": "restart", "phase": "lost", "stage": self.stage,
+                         "error": err.message, "restarts": self.restarts,
+                         "window_s": window})
+        last: CloneError = err
+        while True:
+            if self.t.should_stop():
+                raise QueryInterrupted()
+            try:
+                resumed = self._reconnect(count)
+                break
+            except (NetworkError, DonorUnreachable) as exc:
+                last = exc
+                self._close_streams()
+            if time.monotonic() + RETRY_EVERY - lost > window:
+                raise NetworkError(f"the donor could not be reached again within {window:g}"
+                                   f" s of a network failure ({last.message})",
+                                   hint="check the network and the donor; the clone can "
+                                   "be started again") from err
+            self._pause(RETRY_EVERY)
+        outage = time.monotonic() - lost
+        log.warning("clone resumed in %s after %.1f s (restart %d; %d blocks sent again)",
+                    self.stage, outage, self.restarts, resumed.resend)
+        self.on_restart({"event": "restart", "phase": "resumed", "stage": self.stage,
+                         "restarts": self.restarts, "outage_s": round(outage, 3),
+                         "resent": resumed.resend})
+        return resumed
+
+    def _pause(self, seconds: float) -> None:
+        """The interval between two attempts (not a wait for a peer): Ctrl-C ends it."""
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            if self.t.should_stop():
+                raise QueryInterrupted()
+            time.sleep(min(0.1, max(0.0, until - time.monotonic())))
+
+    def _check_listening(self) -> None:
+        """A donor whose host refuses the connection has ended (its process died):
+        nothing will resume the clone, so say so now rather than at the window's end."""
+        host, _, port = self.where.rpartition(":")
+        if not port.isdigit():
+            return
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)),
+                                          timeout=self.t.connect):
+                return
+        except ConnectionRefusedError:
+            raise DonorError(f"the donor at '{self.where}' is gone: nothing listens there "
+                             "any more, so the clone cannot resume",
+                             hint="start `clone-agent serve` again and clone again") from None
+        except OSError as exc:
+            raise LinkLost(f"cannot reach the donor: {exc.strerror or exc}") from None
+
+    def _reconnect(self, count: int) -> M.Resumed:
+        """One attempt: HELLO and AUTH on a new master stream, REINIT with the locator,
+        the other streams ATTACH again, and credit is granted anew."""
+        self._check_listening()
+        self.last_word = time.monotonic()  # silence counts from this attempt
+        reply = self._open_streams(0, 1)[0]
+        self._authenticate(reply)
+        assert self.written is not None
+        self.send(0, P.REINIT, M.Reinit(self.clone_id, self.secret, self.serial,
+                                        self.written, self.restarts))
+        msg = self.expect(0, P.LOCS, "REINIT", self.t.connect)
+        resumed = M.Resumed.from_body(msg.body)
+        if resumed.clone_id != self.clone_id or \
+                resumed.serial not in (self.serial, self.serial + 1):
+            raise ProtocolError(f"REINIT answered for state {resumed.serial} of clone "
+                                f"{resumed.clone_id}")
+        if (resumed.missed is not None) != (resumed.serial != self.serial):
+            raise ProtocolError("REINIT answer without the state it says was missed")
+        if count > 1:
+            self.attach(count, start=1, before_data=False)
+        if self.credit_total:
+            self.grant_credit(self.credit_total)
+        return resumed
+
     # -- ending ---------------------------------------------------------------------------
     def finish(self) -> None:
-        self.send(0, P.EXIT, M.Exit(self.clone_id, True))
+        try:
+            self.send(0, P.EXIT, M.Exit(self.clone_id, True))
+        except LinkLost as exc:  # the clone is whole here; the donor ends it by itself
+            log.warning("could not tell the donor that the clone completed: %s",
+                        exc.message)
 
     def abort(self, err: CloneError) -> None:
         """Tell the donor the clone failed (best effort: the network may be the cause)."""

@@ -108,8 +108,7 @@ def test_a_config_file_that_cannot_be_read(tmp_path: Path) -> None:
 
 
 def test_settings_that_do_nothing_are_not_settings(tmp_path: Path) -> None:
-    assert NOT_IMPLEMENTED == {"block_ddl", "delay_after_data_drop",
-                               "donor_timeout_after_network_failure", "ssl_ca", "ssl_cert",
+    assert NOT_IMPLEMENTED == {"block_ddl", "delay_after_data_drop", "ssl_ca", "ssl_cert",
                                "ssl_key", "require_ssl"}
     assert not NOT_IMPLEMENTED & set(VARIABLES)
     assert not NOT_IMPLEMENTED & set(CloneConfig.__dataclass_fields__)

@@ -70,3 +70,18 @@ def test_locator_tracks_chunks_and_survives_the_wire() -> None:
     body["in_progress"] = {"99": 1}
     with pytest.raises(ProtocolError):
         P.Locator.from_body(body)
+
+
+def test_locator_is_exact_where_blocks_are_written_out_of_order() -> None:
+    """Blocks 0 and 2 of a chunk written, 1 not: a restart must send 1 again."""
+    loc = P.Locator(clone_id=1, snapshot_id="s", state=1, total_blocks=70)
+    loc.block_done(0)
+    loc.block_done(2)
+    loc.block_done(65)
+    back = P.Locator.from_body(loc.to_body())
+    assert [seq for seq in range(70) if back.is_done(seq)] == [0, 2, 65]
+    assert back.count() == 3
+    body = loc.to_body()
+    body["in_progress"] = {"1": 1 << 6}  # chunk 1 has 6 blocks: bit 6 is no block
+    with pytest.raises(ProtocolError):
+        P.Locator.from_body(body)
