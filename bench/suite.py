@@ -8,6 +8,9 @@ baseline is followed by ``sync -f`` on the destination), and destinations are re
 outside the timed part: when the disk has room, only once the shape is done (see the
 comment in ``run_bench``), otherwise after each run, the removal synced to disk.
 
+clone-local (``clone-agent local``) is timed beside ``cp -a`` the same way: a new
+process, its data synced before it ends.
+
 Measured per run: wall seconds, CPU seconds of the donor side and the recipient side
 (from the kernel's accounting of each process tree), and peak PSS of both sides
 together (sampled every 20 ms).
@@ -189,6 +192,31 @@ def clone_agent_tool(src: Path, extra: list[str], donor: ServeProcess | None = N
     return donor, run
 
 
+def clone_local_tool(src: Path) -> Callable[[Path], Run]:
+    """``clone-agent clone-local``: the donor and the recipient in one process tree, so
+    all of its CPU is in the recipient's column."""
+
+    def run(dest: Path) -> Run:
+        cpu0 = _children_cpu()
+        pids: list[int] = []
+        sampler = PssSampler(lambda: pids)
+        started = time.monotonic()
+        p = subprocess.Popen([sys.executable, "-m", "clone_agent.cli", "clone-local",
+                              str(src), "--data-dir", str(dest)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        pids.append(p.pid)
+        sampler.start()
+        _, err = p.communicate()
+        wall = time.monotonic() - started
+        sampler.halt.set()
+        sampler.join()
+        if p.returncode != 0:
+            raise RuntimeError(f"clone-agent clone-local failed: {err.decode()[-400:]}")
+        return Run(wall, 0.0, _children_cpu() - cpu0, sampler.peak)
+
+    return run
+
+
 def _pagestore(root: Path, size: int) -> None:
     from engine.pagestore import init_datadir
 
@@ -210,7 +238,10 @@ SHAPES_QUICK = {
 
 
 def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None,
-              only: str | None = None, remove_each: bool = False) -> None:
+              only: str | None = None, remove_each: bool = False,
+              tools_only: list[str] | None = None) -> None:
+    """``tools_only``: only these tools beside clone-agent (the reference row), and
+    no timelines."""
     shapes = SHAPES_QUICK if quick else SHAPES_FULL
     if only:
         shapes = {name: make for name, make in shapes.items() if only in name}
@@ -240,7 +271,15 @@ def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None,
                                                   "--enable-compression"], donor=donor)
             with donor:
                 tools = {"clone-agent": agent, "clone-agent encrypted": agent_enc,
-                         "clone-agent lz4": agent_lz4, **baselines(src)}
+                         "clone-agent lz4": agent_lz4,
+                         "clone-agent local": clone_local_tool(src), **baselines(src)}
+                if tools_only:
+                    unknown = set(tools_only) - set(tools)
+                    if unknown:
+                        raise UsageError(f"no tool {sorted(unknown)[0]!r}",
+                                         hint="tools: " + ", ".join(tools))
+                    tools = {name: tool for name, tool in tools.items()
+                             if name == "clone-agent" or name in tools_only}
                 shape_results = {name: Result(shape, name, size) for name in tools}
                 # Destinations stay until the shape is done when the disk has room:
                 # ext4 without a journal skips inodes freed in the last 5 to 10 s at
@@ -265,13 +304,15 @@ def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None,
                                         f"{run.wall:6.2f} s")
                 for dest in made:
                     _remove(dest, tmp)
-                if shape.startswith("mixed"):
+                if shape.startswith("mixed") and not tools_only:
                     extra = _timelines(src, donor, Path(tmp), quick, json_mode)
             results.extend(shape_results.values())
             shutil.rmtree(src)
     report = _report(results, extra)
     report["command"] = "clone-agent bench" + (" --quick" if quick else "") + \
-        f" --rounds {rounds}" + (" --remove-each" if remove_each else "")
+        f" --rounds {rounds}" + (" --remove-each" if remove_each else "") + \
+        (f" --shape {only!r}" if only else "") + \
+        "".join(f" --tool {name!r}" for name in tools_only or ())
     _print_table(report, json_mode)
     if out:
         os.makedirs(out, exist_ok=True)
@@ -395,6 +436,8 @@ TARGET_BASELINES = ("tar|socat|tar", "rsync -aW")
 TARGET_ENCRYPTED = 1.25
 #: The throttle's worst 2-second window off its limit by at most this many % (target c).
 TARGET_THROTTLE_PCT = 10.0
+#: clone-local's time over cp -a's, at most (target d; both end with their data synced).
+TARGET_LOCAL_CP = 1.1
 
 
 def _target(name: str, value: float | None, limit: float, held: bool | None, unit: str,
@@ -406,12 +449,18 @@ def _target(name: str, value: float | None, limit: float, held: bool | None, uni
 def _encrypted_ratio(plain: dict[str, Any], enc: dict[str, Any]) -> tuple[float, str]:
     """The encrypted clone's time over the plain one's: the median of per-round ratios
     when both have the same rounds, else the ratio of medians."""
-    p_runs, e_runs = plain.get("runs") or [], enc.get("runs") or []
+    return _pair_ratio(plain, enc)
+
+
+def _pair_ratio(base: dict[str, Any], other: dict[str, Any]) -> tuple[float, str]:
+    """``other``'s time over ``base``'s: the median of per-round ratios when both have
+    the same rounds (they ran interleaved), else the ratio of medians."""
+    p_runs, e_runs = base.get("runs") or [], other.get("runs") or []
     if p_runs and len(p_runs) == len(e_runs):
         return (statistics.median(e["wall"] / p["wall"] for p, e in zip(p_runs, e_runs,
                                                                          strict=True)),
                 "median of per-round ratios")
-    return enc["wall_s"] / plain["wall_s"], "ratio of medians"
+    return other["wall_s"] / base["wall_s"], "ratio of medians"
 
 
 def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -442,6 +491,17 @@ def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         out.append(_target(name, None, TARGET_ENCRYPTED, None, "x",
                            "no encrypted clone in this run"))
+    name = f"clone-local at most {TARGET_LOCAL_CP}x cp -a's time"
+    pairs = {shape: _pair_ratio(t["cp -a"], t["clone-agent local"])
+             for shape, t in by_shape.items() if {"cp -a", "clone-agent local"} <= t.keys()}
+    if pairs:
+        worst = max(pairs, key=lambda s: pairs[s][0])
+        value, how = pairs[worst]
+        out.append(_target(name, value, TARGET_LOCAL_CP, value <= TARGET_LOCAL_CP, "x",
+                           f"{how}, worst shape: {worst}"))
+    else:
+        out.append(_target(name, None, TARGET_LOCAL_CP, None, "x",
+                           "no clone-local beside cp -a in this run"))
     name = f"throttle within {TARGET_THROTTLE_PCT:g}% in its worst 2-second window"
     throttle = report.get("throttle")
     if throttle and throttle.get("windows"):

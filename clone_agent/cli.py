@@ -54,6 +54,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 signal.signal(signal.SIGINT, _interrupted_at_start)
 signal.signal(signal.SIGTERM, _interrupted_at_start)
 
+import dataclasses
 import logging  # after the handler above, on purpose
 import os
 import time
@@ -788,9 +789,7 @@ def clone_local(
 ) -> None:
     """CLONE LOCAL DATA DIRECTORY: the same snapshot, without a network."""
     _logging(verbose)
-    from donor.local import LocalDonor
-    from recipient.client import PullOptions
-    from recipient.client import pull as do_pull
+    from donor.local import LocalDonor, direct_copy
     from recipient.destination import check_new_directory
 
     with _errors(json_mode):
@@ -803,18 +802,31 @@ def clone_local(
             from engine.errors import PathInDatadir
             raise PathInDatadir(src)
         config = load_config({}, os.environ, _default_config(), warn=_warn_config)
+        # The fast path (docs/copies.md): the donor's readers copy file data into the
+        # destination with copy_file_range, and the recipient leaves it to them.
+        direct = direct_copy(config)
+        # The donor's process starts before the recipient's modules are imported, so
+        # that its start (an interpreter, its imports, its readers) overlaps theirs.
+        donor = LocalDonor(str(datadir), copy_to=dest if direct else None).start()
+    try:
+        from recipient.client import PullOptions
+        from recipient.client import pull as do_pull
 
-    def make(reporter: Any, stop: Callable[[], bool]) -> Any:
-        with LocalDonor(str(datadir)) as donor:
-            return do_pull(PullOptions(user="local", host="localhost", port=0,
-                                       destination=dest, config=config,
-                                       state_dir=_state_dir(), url=donor.url,
-                                       should_stop=stop, emit=reporter,
-                                       ssl="none",  # a socket in a 0700 directory
-                                       keep=_fidelity(numeric_ids, no_xattrs, no_acls,
-                                                      fail_on_change, skip_unreadable)))
+        keep = _fidelity(numeric_ids, no_xattrs, no_acls, fail_on_change, skip_unreadable)
 
-    _run_pull(make, json_mode, "the clone")
+        def make(reporter: Any, stop: Callable[[], bool]) -> Any:
+            with donor:  # waits until it serves; stops it however the clone ends
+                return do_pull(PullOptions(user="local", host="localhost", port=0,
+                                           destination=dest, config=config,
+                                           state_dir=_state_dir(), url=donor.url,
+                                           should_stop=stop, emit=reporter,
+                                           ssl="none",  # a socket in a 0700 directory
+                                           keep=dataclasses.replace(keep,
+                                                                    direct_copy=direct)))
+
+        _run_pull(make, json_mode, "the clone")
+    finally:
+        donor.close()
 
 
 # -- status ---------------------------------------------------------------------------
@@ -1023,6 +1035,9 @@ def bench(
     remove_each: bool = typer.Option(False, "--remove-each", help="remove each destination "
                                      "right after its run (the next tool then pays for "
                                      "the freed inodes; see docs/architecture.md)"),
+    tool: Optional[list[str]] = typer.Option(None, "--tool", help="only this tool beside "
+                                             "clone-agent (repeatable), e.g. 'cp -a', "
+                                             "'clone-agent local'; no timelines"),
     verbose: bool = _verbose_option(),
 ) -> None:
     """clone-agent side by side with plain-tool baselines, on the same data, in one run."""
@@ -1040,7 +1055,7 @@ def bench(
                 Path(out, "link.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
             return
         run_bench(quick=quick, json_mode=json_mode, out=str(out) if out else None,
-                  rounds=rounds, only=shape, remove_each=remove_each)
+                  rounds=rounds, only=shape, remove_each=remove_each, tools_only=tool)
 
 
 # -- keys and users ---------------------------------------------------------------------

@@ -15,6 +15,10 @@ scan's (``stamp``, 0: no check, a page store); a file that changed, shrank, or w
 removed is a problem ``[file_id, "changed" | "gone", text]``, which the coordinator
 answers by sending it again. A file that cannot be opened or read is ``"unreadable"``:
 the reader reports it and goes on (the coordinator decides), never dies of it.
+
+In clone-local, a reader given the destination (``copy_to``) copies each segment
+there with ``copy_file_range`` instead and answers a block without bytes
+(:mod:`donor.direct`); the checks are the same.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from __future__ import annotations
 import errno
 import os
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.codec import checksum
 from engine.fsutil import PATH_PIECE, parent_at
 from engine.ring import RingView
+
+if TYPE_CHECKING:
+    from donor.direct import DirectCopy
 
 SEEK_THRESHOLD = 64 << 10  #: below this a segment is read whole: holes are rare and small
 FD_CACHE = 32
@@ -87,6 +94,13 @@ class Reader:
         # write would, keeping the first half of each page and zeroing the rest.
         self.tear = (args.get("faults") or {}).get("tear_pages_of")
         self.page_size = int((args.get("faults") or {}).get("page_size", 16384))
+        #: clone-local's fast path: segments copied into this destination by the kernel
+        #: rather than read into the ring (donor/direct.py)
+        self.direct: DirectCopy | None = None
+        if args.get("copy_to"):
+            from donor.direct import DirectCopy
+
+            self.direct = DirectCopy(args["copy_to"])
 
     def _open(self, path: str) -> int:
         fd = self.fds.get(path)
@@ -135,6 +149,8 @@ class Reader:
             os.close(fd)
         self.fds.clear()
         self.dirs.clear()
+        if self.direct is not None:
+            self.direct.close()
 
     def handle(self, msg: list[Any]) -> Any:
         if msg[0] == "reset":  # a clone ended: files may be replaced before the next
@@ -171,6 +187,18 @@ class Reader:
         runs = data_extents(fd, offset, length) if length >= SEEK_THRESHOLD else [
             (offset, length)]
         short = False
+        direct = self.direct
+        rel = path[len(self.root) + 1:] if direct is not None and \
+            path.startswith(self.root + "/") else ""
+        dfd = direct.open(rel) if direct is not None and direct.eligible(rel) else None
+        if direct is not None and dfd is not None:
+            copied = direct.copy(fd, dfd, runs, rel) if direct.kernel else None
+            if copied is not None:
+                short = copied[0]
+                direct.clear(dfd, offset, length, runs, rel)
+                return cursor, self._check(fd, short, mark)
+            # Through the ring after all: what an earlier pass left there goes first.
+            direct.clear(dfd, offset, length, [], rel)
         for start, run in runs:
             got = 0
             while got < run:
@@ -184,14 +212,19 @@ class Reader:
                     self._tear(view[cursor : cursor + got])
                 out.append([file_id, start, got])
                 cursor += got
+        return cursor, self._check(fd, short, mark)
+
+    def _check(self, fd: int, short: bool, mark: int) -> tuple[str, str] | None:
+        """What is wrong with the file just read (None: as the scan saw it, or not
+        checked)."""
         if not mark:
-            return cursor, None
+            return None
         st = os.fstat(fd)
         if st.st_nlink == 0:
-            return cursor, ("gone", "removed while it was read")
+            return "gone", "removed while it was read"
         if short or stamp(st.st_size, st.st_mtime_ns, st.st_ctime_ns) != mark:
-            return cursor, ("changed", "changed while it was read")
-        return cursor, None
+            return "changed", "changed while it was read"
+        return None
 
     def _tear(self, data: memoryview) -> None:
         half = self.page_size // 2
@@ -201,4 +234,4 @@ class Reader:
     def close(self) -> dict[str, Any]:
         self._drop_fds()
         self.ring.close()
-        return {}
+        return {"copied": self.direct.copied} if self.direct is not None else {}

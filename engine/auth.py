@@ -29,9 +29,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import scramp
 
 from engine.errors import LocalIOError, UsageError
+
+# scramp is imported where an exchange or a new user needs it, not here: every donor
+# and recipient imports this module at its start, clone-local never authenticates, and
+# scramp's import (about 50 ms) would sit on their start-up path for nothing.
 
 ITERATIONS = 4096  #: RFC 7677's minimum; the verifier's cost, paid once a clone
 NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
@@ -70,6 +73,8 @@ def check_name(name: str) -> str:
 def make_user(name: str, password: str, backup_admin: bool = True) -> User:
     if not password:
         raise UsageError("an empty password", hint="give the user a password")
+    import scramp
+
     salt, stored, server, iterations = scramp.ScramMechanism("SCRAM-SHA-256").make_auth_info(
         password, iteration_count=ITERATIONS)
     return User(check_name(name), salt, iterations, stored, server, backup_admin)
@@ -152,6 +157,8 @@ class ServerSide:
         self.users = users
         self.secret = secret
         self.name = ""
+        import scramp
+
         mech = scramp.ScramMechanism(MECH_BOUND if binding else MECH_PLAIN)
         self._server = mech.make_server(
             self._auth_info, channel_binding=(BINDING, binding) if binding else None)
@@ -172,6 +179,8 @@ class ServerSide:
 
     def final(self, client_final: str) -> tuple[bool, str]:
         """(proved, server-final); never raises for a wrong proof."""
+        import scramp
+
         try:
             self._server.set_client_final(client_final)
         except scramp.ScramException:
@@ -186,6 +195,8 @@ class ClientSide:
     """The recipient's half; ``password`` stays in this process."""
 
     def __init__(self, name: str, password: str, binding: bytes | None) -> None:
+        import scramp
+
         self._client = scramp.ScramClient(
             [MECH_BOUND if binding else MECH_PLAIN], name, password,
             channel_binding=(BINDING, binding) if binding else None)

@@ -110,6 +110,44 @@ def preallocate(fd: int, size: int) -> bool:
     raise OSError(err, os.strerror(err))
 
 
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing ``[offset, offset+length)`` of ``fd`` back to disk, without
+    waiting for it (``sync_file_range``; durable only after a later sync). A no-op
+    where the call is missing."""
+    import ctypes
+
+    try:
+        call = libc().sync_file_range
+    except AttributeError:  # not Linux
+        return
+    call(fd, ctypes.c_int64(offset), ctypes.c_int64(length), SYNC_FILE_RANGE_WRITE)
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free ``[offset, offset+length)`` of ``fd`` (it reads as zeros, holds no blocks,
+    keeps its size). False where the file system cannot (then the caller writes zeros)."""
+    import ctypes
+
+    try:
+        fallocate = libc().fallocate
+    except AttributeError:  # not Linux
+        return False
+    if fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, ctypes.c_int64(offset),
+                 ctypes.c_int64(length)) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
 def _pieces(rel: str) -> list[bytes]:
     """``rel``'s directory part cut into relative paths of at most PATH_PIECE bytes."""
     parts = os.fsencode(rel).split(b"/")[:-1]

@@ -78,6 +78,9 @@ class Manifest:
         self.notes = Notes(warn)
         self.owners = Owners(keep.numeric_ids)
         self.apply = Applier(self.owners, keep, self.notes)
+        #: a file sent again is emptied first, unless the donor writes it itself
+        #: (clone-local's fast path, donor/direct.py), which may have begun already
+        self._empty_again = 0 if keep.direct_copy else os.O_TRUNC
         #: entries that were not made (a device as another user, a vanished file)
         self.missing: set[int] = set()
         #: a resumed clone's manifest: its directories exist already
@@ -183,8 +186,8 @@ class Manifest:
     # -- a plain tree that changed while the donor read it -----------------------------
     def again(self, rows: list[M.Again], empty: bool = True) -> None:
         """Files the donor sends again, as they are now: emptied, to be written anew
-        (``empty`` False: a resumed clone's pass already under way, whose blocks on
-        disk stay)."""
+        (on clone-local's fast path, the donor clears what is stale itself; ``empty``
+        False: a resumed clone's pass already under way, whose blocks on disk stay)."""
         for row in rows:
             item = self.items.get(row.id)
             if item is None or item.kind != "f" or row.id in self.internal:
@@ -198,10 +201,10 @@ class Manifest:
                 continue
             with self._at(item.rel) as (dfd, name):
                 try:
-                    fd = os.open(name, OPEN_FLAGS | os.O_TRUNC, 0o600, dir_fd=dfd)
+                    fd = os.open(name, OPEN_FLAGS | self._empty_again, 0o600, dir_fd=dfd)
                 except PermissionError:  # a writer gave it its bits: not writable by us
                     os.chmod(name, 0o600, dir_fd=dfd)
-                    fd = os.open(name, OPEN_FLAGS | os.O_TRUNC, 0o600, dir_fd=dfd)
+                    fd = os.open(name, OPEN_FLAGS | self._empty_again, 0o600, dir_fd=dfd)
                 os.close(fd)
 
     def drop(self, gone: list[int]) -> None:

@@ -50,6 +50,10 @@ class Fidelity:
     acls: bool = True
     fail_on_change: bool = False
     skip_unreadable: bool = False
+    #: clone-local's fast path: the donor's readers write file data into the
+    #: destination themselves (donor/direct.py), so a file sent again is not emptied
+    #: here (a reader may be writing it already); they clear its stale bytes instead
+    direct_copy: bool = False
 
 
 class Notes:

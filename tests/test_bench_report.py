@@ -44,6 +44,7 @@ def report() -> dict[str, Any]:
             row(mixed, "clone-agent", [1.0, 1.1, 1.2], 1.0),
             row(mixed, "clone-agent encrypted", [1.2, 1.3, 1.3], 0.85),
             row(mixed, "cp -a", [0.8, 0.8, 0.9], 1.3),
+            row(mixed, "clone-agent local", [0.9, 0.9, 1.0], 1.2),
             row(mixed, "tar|socat|tar", [2.0, 2.1, 2.2], 0.5),
             row(mixed, "rsync -aW", [2.5, 2.5, 2.6], 0.45),
             row(small, "clone-agent", [0.7, 0.7, 0.8], 1.0, size=80_000_000),
@@ -89,6 +90,9 @@ def test_targets_held_missed_and_not_measured(report: dict[str, Any],
     # the median of per-round ratios, on the worse shape (small files: 9/7, 10/7, 10/8)
     assert enc["value"] == pytest.approx(9 / 7, abs=1e-4) and enc["held"] is False
     assert targets["throttle within 10% in its worst 2-second window"]["held"] is True
+    local = targets["clone-local at most 1.1x cp -a's time"]
+    # the median of per-round ratios to cp -a: 0.9/0.8, 0.9/0.8, 1.0/0.9
+    assert local["value"] == pytest.approx(1.125, abs=1e-4) and local["held"] is False
     suite._print_table(report, json_mode=False)
     out = capsys.readouterr().out
     assert "missed" in out and "held" in out
@@ -101,6 +105,9 @@ def test_targets_held_missed_and_not_measured(report: dict[str, Any],
     verdicts = {t["name"]: t for t in suite._targets(report)}
     assert verdicts["clone-agent faster than rsync -aW on every shape"]["held"] is None
     assert verdicts["throttle within 10% in its worst 2-second window"]["value"] is None
+    report["rows"] = [r for r in report["rows"] if r["tool"] != "cp -a"]
+    assert {t["name"]: t for t in suite._targets(report)}[
+        "clone-local at most 1.1x cp -a's time"]["held"] is None
     enc = verdicts["encrypted clone at most 1.25x the plain clone's time"]
     assert enc["value"] == pytest.approx(1.0 / 0.7, abs=1e-4)  # the ratio of medians
     assert enc["basis"].startswith("ratio of medians")
@@ -119,7 +126,8 @@ def test_the_json_report_has_the_targets() -> None:
                                                   "worst_error_pct": 12.0,
                                                   "median_error_pct": 3.0}})
     got = [(t["value"], t["limit"], t["held"]) for t in report["targets"]]
-    assert got == [(0.5, 1.0, True), (None, 1.0, None), (1.1, 1.25, True), (12.0, 10.0, False)]
+    assert got == [(0.5, 1.0, True), (None, 1.0, None), (1.1, 1.25, True), (None, 1.1, None),
+                   (12.0, 10.0, False)]
     assert all({"name", "value", "limit", "held"} <= t.keys() for t in report["targets"])
 
 

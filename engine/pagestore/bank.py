@@ -19,9 +19,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from engine.errors import DatabaseExists, LockWaitTimeout, UsageError
 from engine.fsutil import fsync_dir, write_durable
@@ -80,7 +81,7 @@ def _write_space(path: str, sid: int, pages: int, page_size: int, kind: int,
         batch = 256
         for first in range(1, pages, batch):
             count = min(batch, pages - first)
-            raw = rng.integers(0, 256, size=(count, page_size), dtype=np.uint8)
+            raw = rng.integers(0, 256, size=(count, page_size), dtype="uint8")
             raw[:, HEADER_SIZE + body * 3 // 4 :] = 0  # pages are rarely full
             buf = bytearray(raw.tobytes())
             for k in range(count):
@@ -108,6 +109,11 @@ def init_datadir(datadir: str, size: int, page_size: int = 16384, tables: int = 
     root = os.path.abspath(datadir)
     if os.path.lexists(root):
         raise DatabaseExists(root, hint="init creates a new directory; choose another path")
+    # numpy here, not at the top: a donor imports this module for its Workload, and
+    # numpy's import (and its BLAS threads, which spin) cost every serve and
+    # clone-local at its start for nothing unless it runs init.
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     server_uuid = str(uuid.UUID(int=random.Random(seed).getrandbits(128), version=4))
     n = records_per_page(page_size)
