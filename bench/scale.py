@@ -68,7 +68,7 @@ def main() -> None:
         started = time.monotonic()
         p = subprocess.Popen([sys.executable, "-m", "clone_agent.cli", "pull",
                               f"bench@127.0.0.1:{donor.port}", "--data-dir", str(dest),
-                              "--require-no-ssl", "--connect-timeout", "600"],
+                              "--require-no-ssl"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         pids.append(p.pid)
         samplers = (sampler, donor_side, recipient_side)

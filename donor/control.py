@@ -36,6 +36,9 @@ from engine.ipc import EndpointDir
 from engine.swap import DirLock, open_shared, settle
 
 log = logging.getLogger("clone_agent.donor")
+#: Seconds a pull that went away may still hold its lock on the directory (it is
+#: released with the pull's last descriptor, which may close after the channel's).
+LOCK_GONE_WITHIN = 5.0
 
 
 class Restartable(Protocol):
@@ -183,8 +186,8 @@ class ServeControl:
                 raise
         raise ProtocolError(f"unexpected control request {op!r}")
 
-    def _reopen(self) -> dict[str, Any]:
-        self.lock = open_shared(self.datadir)
+    def _reopen(self, wait: float = 0.0) -> dict[str, Any]:
+        self.lock = open_shared(self.datadir, wait)
         result = self.server.reopen_datadir()
         self.released = False
         log.info("RESTART: serving %s again", self.datadir)
@@ -208,7 +211,9 @@ class ServeControl:
         if done:
             log.warning("the replacing pull went away; its replace was %s", done)
         if self.released:
-            self._reopen()
+            # A pull killed with SIGKILL: the kernel may close its end of this channel
+            # before the descriptor of its exclusive lock on the directory.
+            self._reopen(wait=LOCK_GONE_WITHIN)
 
     def close(self) -> None:
         for conn in list(self.conns.values()):

@@ -11,23 +11,68 @@ Holes are found by the readers (SEEK_DATA), not here.
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from donor.reader import stamp
 from donor.walk import SKIP_PAGED, SKIP_TOP, Tree, scan
 from engine.codec import BLOCK_SIZE, MAX_SEGMENTS
 from engine.messages import Entry
+from engine.table import Table
 
-__all__ = ["SKIP_PAGED", "SKIP_TOP", "Entry", "Tree", "plan", "scan", "stamp"]
+__all__ = ["SKIP_PAGED", "SKIP_TOP", "Entry", "Plan", "Tree", "plan", "scan", "stamp"]
 
 
 Segment = list[Any]  # [file_id, absolute path, offset, length, stamp]
 
 
-def plan(entries: list[Entry], block_size: int = BLOCK_SIZE, check: bool = True
-         ) -> list[list[Segment]]:
+class Plan:
+    """The blocks of a plan, in arrays (a million small files would otherwise cost a
+    list and five objects each): block ``b`` is segments ``starts[b]`` to
+    ``starts[b + 1]``; ``plan[b]`` makes its list of :data:`Segment` when it is read."""
+
+    def __init__(self, paths: Callable[[int], str]) -> None:
+        self.paths = paths
+        self.fid = array("q")
+        self.off = array("q")
+        self.len = array("q")
+        self.mark = array("q")
+        self.starts = array("q", [0])
+
+    def add(self, fid: int, off: int, size: int, mark: int) -> None:
+        """A segment of the block being made."""
+        self.fid.append(fid)
+        self.off.append(off)
+        self.len.append(size)
+        self.mark.append(mark)
+
+    def cut(self) -> None:
+        """The block being made is complete."""
+        self.starts.append(len(self.fid))
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, b: int) -> list[Segment]:
+        if b < 0:
+            b += len(self)
+        if not 0 <= b < len(self):
+            raise IndexError(b)
+        return [[self.fid[k], self.paths(self.fid[k]), self.off[k], self.len[k], self.mark[k]]
+                for k in range(self.starts[b], self.starts[b + 1])]
+
+    def __iter__(self) -> Iterator[list[Segment]]:
+        for b in range(len(self)):
+            yield self[b]
+
+
+def plan(entries: Iterable[Entry], block_size: int = BLOCK_SIZE, check: bool = True
+         ) -> Plan:
     """Cut the files into blocks; each block is a list of segments.
 
+    ``entries``: a scan's :class:`~engine.table.Table` (whose paths the plan reads
+    back when a block is read) or a few entries of it.
     ``check``: each segment carries its file's :func:`stamp`, and its reader reports a
     file that is not as the scan saw it (a plain tree); 0 (a page store, whose
     snapshot makes its copy consistent): no check.
@@ -40,40 +85,57 @@ def plan(entries: list[Entry], block_size: int = BLOCK_SIZE, check: bool = True
     rather than sent at the end: creating thousands of files costs the recipient CPU
     (inode allocation) while writing big blocks mostly waits on the disk, so the two
     overlap instead of running one after the other."""
-    whole: list[list[Segment]] = []
-    batches: list[list[Segment]] = []
-    batch: list[Segment] = []
-    batch_bytes = 0
-    for e in entries:
-        if e.kind != "f" or e.size == 0:
+    paths: Callable[[int], str]
+    if isinstance(entries, Table):
+        paths, files = entries.path, entries.files()
+    else:
+        listed = [e for e in entries if e.kind == "f"]
+        paths = {e.id: e.path for e in listed}.__getitem__
+        files = ((e.id, e.size, e.mtime_ns, e.ctime_ns) for e in listed)
+    whole: list[tuple[int, int, int]] = []  # (id, offset, stamp): a block each
+    batches = Plan(paths)
+    batch = batch_bytes = 0
+    for fid, size, mtime_ns, ctime_ns in files:
+        if size == 0:
             continue
-        tail = e.size % block_size
-        mark = stamp(e.size, e.mtime_ns, e.ctime_ns) if check else 0
-        for off in range(0, e.size - tail, block_size):
-            whole.append([[e.id, e.path, off, block_size, mark]])
+        tail = size % block_size
+        mark = stamp(size, mtime_ns, ctime_ns) if check else 0
+        for off in range(0, size - tail, block_size):
+            whole.append((fid, off, mark))
         if not tail:
             continue
-        if batch and (batch_bytes + tail > block_size or len(batch) >= MAX_SEGMENTS):
-            batches.append(batch)
-            batch, batch_bytes = [], 0
-        batch.append([e.id, e.path, e.size - tail, tail, mark])
+        if batch and (batch_bytes + tail > block_size or batch >= MAX_SEGMENTS):
+            batches.cut()
+            batch = batch_bytes = 0
+        batches.add(fid, size - tail, tail, mark)
+        batch += 1
         batch_bytes += tail
     if batch:
-        batches.append(batch)
-    return _interleave(whole, batches)
+        batches.cut()
+    return _interleave(whole, batches, block_size)
 
 
-def _interleave(a: list[list[Segment]], b: list[list[Segment]]) -> list[list[Segment]]:
-    """``a`` and ``b`` merged so that ``b``'s blocks are evenly spaced, each list
+def _interleave(whole: list[tuple[int, int, int]], batches: Plan, block_size: int) -> Plan:
+    """The whole blocks and the batches in one plan, the batches evenly spaced, each
     keeping its own order."""
-    if not a or not b:
-        return a + b
-    out: list[list[Segment]] = []
+    if not whole:
+        return batches
+    out = Plan(batches.paths)
     j = 0
-    for i, block in enumerate(a):
-        due = (i + 1) * len(b) // len(a)
-        out.extend(b[j:due])
+    nb = len(batches)
+    for i, (fid, off, mark) in enumerate(whole):
+        due = (i + 1) * nb // len(whole)
+        for b in range(j, due):
+            _copy(batches, b, out)
         j = due
-        out.append(block)
-    out.extend(b[j:])
+        out.add(fid, off, block_size, mark)
+        out.cut()
+    for b in range(j, nb):
+        _copy(batches, b, out)
     return out
+
+
+def _copy(src: Plan, b: int, dst: Plan) -> None:
+    for k in range(src.starts[b], src.starts[b + 1]):
+        dst.add(src.fid[k], src.off[k], src.len[k], src.mark[k])
+    dst.cut()

@@ -30,7 +30,7 @@ import stat
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from donor.plan import SKIP_PAGED, Entry, plan, scan
 from donor.snapshot import Snapshot
@@ -39,6 +39,7 @@ from engine import protocol as P
 from engine.codec import CODECS
 from engine.errors import CloneError, LocalIOError, ProtocolError, from_oserror
 from engine.fsutil import parent_at
+from engine.table import Table
 
 if TYPE_CHECKING:
     from donor.server import DonorServer
@@ -68,6 +69,13 @@ class Phase(enum.Enum):
     ORPHANED = "orphaned"
     ENDED = "ended"
 
+
+
+class Blocks(Protocol):
+    """A state's blocks: a :class:`~donor.plan.Plan`, or PAGE COPY's list of pages."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, seq: int, /) -> Any: ...
 
 @dataclass
 class Stream:
@@ -130,6 +138,7 @@ class Session:
         #: streams forgotten at a break or a REINIT: what they still say is ignored
         self.former: set[bytes] = set()
         self.master = master
+        self.last_sent = time.monotonic()  #: the last response on the master
         self.block_size = init.block_size
         self.codec = CODECS[init.compression]
         self.snapshot: Snapshot | None = None
@@ -139,14 +148,14 @@ class Session:
         try:
             tree = scan(server.datadir, skip=SKIP_PAGED if self.snapshot else (),
                         xattrs=init.xattrs, acls=init.acls,
-                        skip_unreadable=init.skip_unreadable)
+                        skip_unreadable=init.skip_unreadable, tick=self._scanning)
         except BaseException as exc:
             if self.snapshot is not None:
                 self.snapshot.end()
             if isinstance(exc, OSError):  # any tree: never a traceback, serve goes on
                 raise from_oserror(exc, "reading the tree on the donor") from None
             raise
-        self.entries: list[Entry] = tree.entries
+        self.entries: Table = tree.entries
         self.page_entries = tree.page_entries(P.MAX_FILES_PAGE)
         #: warnings for the recipient, sent with FILE COPY's last COMPLETE
         self.notes: list[M.Note] = tree.notes
@@ -156,7 +165,7 @@ class Session:
         self.gone: set[int] = set()
         self.passes = 1
         self.again = 0  #: files the last COMPLETE announced for another pass
-        self.total_bytes = sum(e.size for e in self.entries if e.kind == "f")
+        self.total_bytes = self.entries.file_bytes()
         self.ready: deque[ReadyBlock] = deque()
         self.inflight: dict[int, tuple[int, int, Any]] = {}  # seq -> (ring, slot, tracker)
         self.to_compress: deque[ReadyBlock] = deque()
@@ -171,10 +180,18 @@ class Session:
         self.last_sent = time.monotonic()
         self._rr = 0
         log.info("clone %d: %d files, %d bytes, %d blocks, for user %r", clone_id,
-                 sum(1 for e in self.entries if e.kind == "f"), self.total_bytes,
+                 self.entries.count("f"), self.total_bytes,
                  len(self.blocks), self.user)
 
-    def start_state(self, name: str, blocks: list[Any], kind: str) -> None:
+    def _scanning(self) -> None:
+        """The scan goes on (a million files take seconds): KEEPALIVE to the master
+        every second, so that its recipient, waiting for CONFIG, knows we are here."""
+        now = time.monotonic()
+        if now - self.last_sent >= KEEPALIVE_EVERY:
+            self.last_sent = now
+            self.server.send(self.master, P.KEEPALIVE, {"clone_id": self.clone_id})
+
+    def start_state(self, name: str, blocks: Blocks, kind: str) -> None:
         """Begin a snapshot state: ``kind`` "read" (reader processes) or "pages"
         (tracked pages read fresh by the coordinator)."""
         self.state = name
@@ -190,7 +207,7 @@ class Session:
         self.acked = 0
         self.complete_sent = False
         # work in MySQL's units: blocks for file and redo copy, pages for page copy
-        self.server.stats.stage(self.clone_id, name, sum(map(len, blocks))
+        self.server.stats.stage(self.clone_id, name, sum(len(blocks[i]) for i in range(len(blocks)))
                                 if kind == "pages" else len(blocks))
 
     @property
@@ -289,9 +306,9 @@ class Session:
                            sum(len(b) for b in blocks) * self.snapshot.page_size, grown)
         if name == "REDO COPY" and self.state == "PAGE COPY":
             entry, point, sizes = self.snapshot.redo_copy(len(self.entries), self.entries)
-            blocks = plan([entry], self.block_size, check=False)  # the snapshot's own
-            self.start_state("REDO COPY", blocks, "read")
-            return M.State(self.clone_id, name, len(blocks), entry.size, sizes,
+            redo = plan([entry], self.block_size, check=False)  # the snapshot's own
+            self.start_state("REDO COPY", redo, "read")
+            return M.State(self.clone_id, name, len(redo), entry.size, sizes,
                            M.RedoFile(entry.id, entry.size), point)
         raise ProtocolError(f"no state {name!r} after {self.state}")
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from engine.codec import checksum
@@ -70,7 +70,7 @@ class Snapshot:
             time.sleep(0.005)  # our own workload thread commits meanwhile; bounded
 
     # -- PAGE COPY --------------------------------------------------------------------
-    def page_copy(self, entries: list[Entry], block_size: int
+    def page_copy(self, entries: Iterable[Entry], block_size: int
                   ) -> tuple[list[list[list[int]]], dict[int, int]]:
         """Blocks of ``[file_id, space_id, page_no]`` and the grown sizes by file id."""
         self.archive_lsn, pages = self.store.start_archiving_stop_tracking()
@@ -118,7 +118,7 @@ class Snapshot:
         return cursor, checksum(slot[:cursor]), segs
 
     # -- REDO COPY --------------------------------------------------------------------
-    def redo_copy(self, next_id: int, entries: list[Entry]
+    def redo_copy(self, next_id: int, entries: Iterable[Entry]
                   ) -> tuple[Entry, ConsistentPoint, dict[int, int]]:
         """The consistent point; the archive as the file ``next_id``; the sizes of the
         files that grew, by id."""

@@ -30,12 +30,14 @@ import logging
 import os
 import pwd
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine import acl
 from engine.errors import LocalIOError
 from engine.fsutil import PATH_PIECE, parent_at, proc_path
-from engine.messages import Entry, Note
+from engine.messages import Note
+from engine.table import Table
 
 log = logging.getLogger("clone_agent.donor")
 
@@ -55,10 +57,11 @@ _GONE = (errno.ENOENT, errno.ENOTDIR)
 
 @dataclass
 class Tree:
-    """A scan's result: the manifest, the warnings, and the largest entry's size on
-    the wire (an estimate, from above), which bounds the entries of a FILES page."""
+    """A scan's result: the manifest (column by column, :mod:`engine.table`), the
+    warnings, and the largest entry's size on the wire (an estimate, from above), which
+    bounds the entries of a FILES page."""
 
-    entries: list[Entry] = field(default_factory=list)
+    entries: Table = field(default_factory=Table)
     notes: list[Note] = field(default_factory=list)
     widest: int = 256
 
@@ -99,14 +102,16 @@ class Scanner:
     out narrows the group bits, which hold its mask)."""
 
     def __init__(self, root: str, skip: tuple[str, ...] = (), xattrs: bool = True,
-                 acls: bool = True, skip_unreadable: bool = False) -> None:
+                 acls: bool = True, skip_unreadable: bool = False,
+                 tick: Callable[[], None] | None = None) -> None:
         self.root = os.path.abspath(root)
+        self.tick = tick  #: called now and then, to say the scan goes on
         self.skip = (*SKIP_TOP, *skip)
         self.paged = bool(skip)
         self.xattrs = xattrs
         self.acls = acls
         self.skip_unreadable = skip_unreadable
-        self.tree = Tree()
+        self.tree = Tree(Table(self.root))
         self.names = _Names()
         self.inodes: dict[tuple[int, int], int] = {}  # (dev, ino) -> first entry's id
 
@@ -120,6 +125,8 @@ class Scanner:
             stack = [""]
             while stack:
                 stack.extend(reversed(self._read_dir(root_fd, stack.pop())))
+                if self.tick is not None:
+                    self.tick()
         finally:
             os.close(root_fd)
         return self.tree
@@ -132,7 +139,9 @@ class Scanner:
                 with os.scandir(fd) as it:
                     children = sorted(it, key=lambda e: e.name)
                 subdirs = []
-                for child in children:
+                for n, child in enumerate(children, 1):
+                    if self.tick is not None and not n % 4096:
+                        self.tick()
                     rel = f"{rel_dir}/{child.name}" if rel_dir else child.name
                     if not rel_dir and child.name in self.skip:
                         self._reserved(child.name)
@@ -185,8 +194,8 @@ class Scanner:
         if kind != "d" and st.st_nlink > 1:
             first = self.inodes.setdefault((st.st_dev, st.st_ino), fid)
             if first != fid:
-                entries.append(Entry(fid, "h", rel, 0, stat.S_IMODE(st.st_mode),
-                                     st.st_mtime_ns, link=first, path=path))
+                entries.append("h", rel, 0, stat.S_IMODE(st.st_mode), st.st_mtime_ns,
+                               link=first, path=path)
                 return "h"
         mode = stat.S_IMODE(st.st_mode)
         uid, gid = st.st_uid, st.st_gid
@@ -214,12 +223,12 @@ class Scanner:
             wide += 6 * len(target)
         if wide > self.tree.widest:
             self.tree.widest = wide
-        entries.append(Entry(
-            fid, kind, rel, st.st_size if kind == "f" else 0, mode, st.st_mtime_ns,
-            target, kind == "f" and st.st_blocks * 512 >= st.st_size,
-            uid, gid, st.st_atime_ns, st.st_rdev if kind in ("c", "b") else 0,
-            xattrs=xattrs, acl=acc, dacl=dflt, names=first_named,
-            path=path, ctime_ns=st.st_ctime_ns))
+        entries.append(
+            kind, rel, st.st_size if kind == "f" else 0, mode, st.st_mtime_ns,
+            dense=kind == "f" and st.st_blocks * 512 >= st.st_size, uid=uid, gid=gid,
+            atime_ns=st.st_atime_ns, ctime_ns=st.st_ctime_ns, path=path, target=target,
+            rdev=st.st_rdev if kind in ("c", "b") else 0, xattrs=xattrs, acl=acc,
+            dacl=dflt, names=first_named)
         return kind
 
     def _xattrs(self, rel: str, dir_fd: int, name: str | None, kind: str, path: str
@@ -288,6 +297,6 @@ def _unreadable(rel: str, exc: OSError) -> LocalIOError:
 
 
 def scan(root: str, skip: tuple[str, ...] = (), xattrs: bool = True, acls: bool = True,
-         skip_unreadable: bool = False) -> Tree:
+         skip_unreadable: bool = False, tick: Callable[[], None] | None = None) -> Tree:
     """Walk ``root`` (never following a link): see the module's docstring."""
-    return Scanner(root, skip, xattrs, acls, skip_unreadable).scan()
+    return Scanner(root, skip, xattrs, acls, skip_unreadable, tick).scan()

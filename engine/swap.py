@@ -138,6 +138,15 @@ class DirLock:
             time.sleep(0.01)
         return True
 
+    def wait_shared(self, timeout: float) -> bool:
+        """Shared within ``timeout`` seconds, polled as :meth:`wait_exclusive`."""
+        deadline = time.monotonic() + timeout
+        while not self.try_shared():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     def share(self) -> None:
         """From exclusive to shared (nobody else can hold it meanwhile: cannot fail)."""
         fcntl.flock(self.fd, fcntl.LOCK_SH)
@@ -449,9 +458,10 @@ def _undo(paths: SwapPaths, journal: dict[str, Any], strict: bool,
             lock.close()
 
 
-def open_shared(datadir: str) -> DirLock:
+def open_shared(datadir: str, wait: float = 0.0) -> DirLock:
     """What an owner does before it opens a data directory: settle, then hold it shared
-    (released by ``close()``). Raises :class:`CloneInProgress` while a pull swaps it."""
+    (released by ``close()``). Raises :class:`CloneInProgress` while a pull swaps it
+    (``wait``: for that long at most, when that pull is known to be ending)."""
     try:
         settle(datadir, strict=True)
         lock = DirLock(datadir)
@@ -459,7 +469,7 @@ def open_shared(datadir: str) -> DirLock:
         raise  # no directory: each caller has its own words for that
     except OSError as exc:
         raise from_oserror(exc, f"opening {datadir}") from None
-    if not lock.try_shared():
+    if not (lock.wait_shared(wait) if wait else lock.try_shared()):
         lock.close()
         raise CloneInProgress(hint=LIVE_HINT)
     return lock

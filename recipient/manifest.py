@@ -40,6 +40,7 @@ from engine.fsutil import (
     preallocate,
     syncfs,
 )
+from engine.table import Table
 from recipient.meta import Applier, Fidelity, Notes, Owners
 
 #: Where REDO COPY's archived redo lands until RECOVERY replays it (our name, never the
@@ -64,14 +65,21 @@ class Manifest:
             raise ProtocolError(f"manifest of {expected} entries exceeds {P.MAX_FILES}")
         self.root = root
         self.expected = expected
-        self.items: dict[int, M.Entry] = {}
+        #: the entries by id, column by column (a million files in tens of MiB)
+        self.items = Table()
         self.dirs: set[str] = set()
-        self.names: set[str] = set()
+        #: the directory whose children are being listed (each directory's children
+        #: come together and sorted, so that a name listed twice is found without a
+        #: set of every name), the last of them, and the directories done with
+        self._parent: str | None = None
+        self._last = ""
+        self._listed: set[str] = set()
         self.total_bytes = 0
         self.can_preallocate = True  #: until the file system refuses it
         self.reserved = RESERVED_PAGED if paged else RESERVED_TOP
-        #: files a writer finished (mode, times): they came whole in one block
-        self.done: set[int] = set()
+        #: files a writer finished (mode, times): they came whole in one block; a byte
+        #: an id, not a set of a million integers
+        self.done = bytearray()
         #: files of the clone's own (the redo archive), under names we chose
         self.internal: set[int] = set()
         self.top: M.Entry | None = None  #: the top directory's own entry
@@ -102,24 +110,24 @@ class Manifest:
 
     def _add(self, entry: M.Entry) -> None:
         rel = entry.rel
-        if entry.id in self.items or rel in self.names:
-            raise UnsafeName(f"file {rel!r} listed twice")
+        if entry.id != len(self.items):
+            raise ProtocolError(f"manifest entry {entry.id} where {len(self.items)} was due"
+                                if entry.id > len(self.items) else
+                                f"file {rel!r} listed twice (id {entry.id})")
         if rel == M.TOP:
             if self.items:
                 raise UnsafeName("the top directory's entry is not the first")
             self.top = entry
         else:
-            parent = rel.rpartition("/")[0]
-            if parent and parent not in self.dirs:
-                raise UnsafeName(f"{rel!r} is not inside a directory listed before it")
+            self._in_order(rel)
         if entry.kind == "h":
             first = self.items.get(entry.link)
             if first is None or first.kind in ("d", "h"):
                 raise UnsafeName(f"{rel!r} is a link to an entry that is not an earlier file")
         self.owners.learn(entry.names)
-        self.items[entry.id] = entry
-        self.names.add(rel)
-        if entry.kind == "d" and entry is not self.top:
+        self.items.add(entry)
+        self.done.append(0)
+        if entry.kind == "d" and rel != M.TOP:
             self.dirs.add(rel)
             try:
                 mkdir_at(self._root_fd(), rel, 0o700)
@@ -136,10 +144,33 @@ class Manifest:
                 finally:
                     os.close(fd)
 
+    def _in_order(self, rel: str) -> None:
+        """``rel`` comes where the donor's scan puts it: in a directory listed before
+        it, whose children come together, sorted by name (so never twice)."""
+        parent, _, name = rel.rpartition("/")
+        if parent == self._parent:
+            if name <= self._last:
+                raise UnsafeName(f"file {rel!r} listed twice" if name == self._last else
+                                 f"{rel!r} out of order (after {self._last!r})")
+        else:
+            if parent and parent not in self.dirs:
+                raise UnsafeName(f"{rel!r} is not inside a directory listed before it")
+            if parent in self._listed:
+                raise UnsafeName(f"{rel!r} listed apart from the rest of {parent or '.'!r}")
+            if self._parent is not None:
+                self._listed.add(self._parent)
+            self._parent = parent
+        self._last = name
+
     def files(self) -> set[str]:
         """The names of the donor's regular files."""
-        return {e.rel for e in self.items.values()
-                if e.kind == "f" and e.id not in self.internal}
+        return {e.rel for e in self.items if e.kind == "f" and e.id not in self.internal}
+
+    @property
+    def names(self) -> set[str]:
+        """Every name of the manifest (a page store's: a set of a plain tree's million
+        names is what this class avoids)."""
+        return {e.rel for e in self.items}
 
     _fd: int | None = None
 
@@ -162,10 +193,13 @@ class Manifest:
         self.items[fid] = dataclasses.replace(item, size=size)
 
     def add_internal(self, fid: int, rel: str, size: int) -> None:
-        """A file of the clone's own (the redo archive) under a name we choose."""
-        if fid in self.items:
-            raise ProtocolError(f"file id {fid} reused for the redo archive")
-        self.items[fid] = M.Entry(fid, "f", rel, size, 0o600, 0)
+        """A file of the clone's own (the redo archive) under a name we choose, with
+        the id after the manifest's last."""
+        if fid != len(self.items):
+            raise ProtocolError(f"file id {fid} for the redo archive, not the next one "
+                                f"({len(self.items)})")
+        self.items.add(M.Entry(fid, "f", rel, size, 0o600, 0))
+        self.done.append(0)
         self.internal.add(fid)
 
     def file(self, fid: Any) -> M.Entry:
@@ -180,7 +214,7 @@ class Manifest:
         if item.xattrs or item.acl or item.id in self.internal:
             return None
         uid, gid, mode = self.owners.decide(item, self.notes)
-        self.done.add(item.id)
+        self.done[item.id] = 1
         return mode, uid, gid, Applier.times(item)[0]
 
     # -- a plain tree that changed while the donor read it -----------------------------
@@ -196,7 +230,7 @@ class Manifest:
             self.items[row.id] = dataclasses.replace(
                 item, size=row.size, mode=row.mode, mtime_ns=row.mtime_ns,
                 atime_ns=row.atime_ns, dense=row.dense)
-            self.done.discard(row.id)
+            self.done[row.id] = 0
             if not empty:
                 continue
             with self._at(item.rel) as (dfd, name):
@@ -218,10 +252,9 @@ class Manifest:
                     os.unlink(name, dir_fd=dfd)
                 except FileNotFoundError:
                     pass
-            del self.items[fid]
-            self.names.discard(item.rel)
+            self.items.drop(fid)
             self.total_bytes -= item.size
-            self.done.discard(fid)
+            self.done[fid] = 0
             self.missing.add(fid)
 
     # -- FILE SYNC --------------------------------------------------------------------
@@ -239,11 +272,11 @@ class Manifest:
         """FILE SYNC: sizes, links, special files, owners, attributes, bits and times;
         then make it all durable. The top directory's own come with :meth:`finish_top`."""
         dirs = []
-        for item in self.items.values():
+        for item in self.items:
             if item.kind == "d":
-                if item is not self.top:
+                if item.rel != M.TOP:
                     dirs.append(item)
-            elif item.id not in self.done:
+            elif not self.done[item.id]:
                 self._finish(item)
         for item in sorted(dirs, key=lambda d: d.rel.count("/"), reverse=True):
             fd = open_at(self._root_fd(), item.rel, DIR_FLAGS)
@@ -291,7 +324,7 @@ class Manifest:
         try:
             syncfs(self.root)
         except OSError:  # not Linux, or refused: one fsync a file instead
-            for item in self.items.values():
+            for item in self.items:
                 if item.kind == "f":
                     fd = open_at(root, item.rel, os.O_RDONLY | os.O_NOFOLLOW)
                     try:

@@ -219,13 +219,15 @@ class Transfer:
             raise DonorError(f"{err.error_no} : {text.rstrip('.')}")
         return msg
 
-    def wait(self, i: int, timeout: float, what: str, watch_master: bool = False
-             ) -> P.Message:
+    def wait(self, i: int, timeout: float, what: str, watch_master: bool = False,
+             quiet: bool = False) -> P.Message:
         """The next response on stream ``i`` other than KEEPALIVE, within ``timeout``.
 
         ``watch_master``: stream 0 carries nothing but KEEPALIVE or ERROR now (no data
         is in flight), so read it too: a donor that ends the clone answers there, and
-        never on a stream it has not seen ATTACH yet."""
+        never on a stream it has not seen ATTACH yet. ``quiet``: ``timeout`` counts
+        from the donor's last word, KEEPALIVE included (the answer to INIT follows the
+        donor's scan of its tree, seconds for a million files)."""
         deadline = time.monotonic() + timeout
         sock = self.streams[i]
         poller = zmq.Poller()
@@ -239,7 +241,8 @@ class Transfer:
             if self.written is not None and time.monotonic() - self.last_word > LINK_SILENT:
                 raise LinkLost(f"no word from the donor for {LINK_SILENT:g} s")
             if left <= 0:
-                raise LinkLost(f"no answer from the donor to {what} within {timeout:g} s",
+                raise LinkLost(f"no answer from the donor to {what} within {timeout:g} s"
+                               + (" of its last word" if quiet else ""),
                                hint="the donor or the network stopped; try again")
             ready = dict(poller.poll(int(min(left, 0.2) * 1000)))
             if i and self.streams[0] in ready:
@@ -250,6 +253,8 @@ class Transfer:
                 msg = self._recv(i)
                 if msg.kind != P.KEEPALIVE:
                     return msg
+                if quiet:
+                    deadline = time.monotonic() + timeout
 
     def expect(self, i: int, kind: int, what: str, timeout: float | None = None) -> P.Message:
         """:meth:`wait` for a response of ``kind``; anything else is a protocol error."""
@@ -343,7 +348,9 @@ class Transfer:
         return self.expect(0, P.STATUS_REPLY, "STATUS", self.t.connect).body
 
     def config(self) -> M.Config:
-        msg = self.expect(0, P.CONFIG, "INIT", self.t.connect)
+        msg = self.wait(0, self.t.connect, "INIT", quiet=True)
+        if msg.kind != P.CONFIG:
+            raise ProtocolError(f"{msg.name} instead of CONFIG")
         cfg = M.Config.from_body(msg.body, self.block_size)
         self.clone_id = cfg.clone_id
         self.block_size = cfg.block_size

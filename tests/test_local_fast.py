@@ -190,7 +190,8 @@ def test_a_file_sent_again_is_made_exact_without_being_emptied(tmp_path: Path,
     (dest / "f").write_bytes(os.urandom(6 << 20))  # what pass 1 wrote
     manifest = Manifest(str(dest), 1, keep=Fidelity(direct_copy=True))
     try:
-        manifest.items[0] = M.Entry(0, "f", "f", 6 << 20, 0o644, 0)
+        manifest.add_page(M.FilesPage(0, [M.Entry(0, "f", "f", 6 << 20, 0o644, 0).to_wire()],
+                                      True))
         manifest.again([M.Again(0, 5 << 20, 0o644, 0, 0, False)])
     finally:
         manifest.close()
