@@ -1,7 +1,7 @@
 """``python -m bench.versus OLD_TREE``: this code's pull beside another checkout's.
 
     git worktree add /tmp/old <commit>
-    python -m bench.versus /tmp/old --rounds 9
+    python -m bench.versus /tmp/old --rounds 9 [--local]
 
 Makes the 1 GiB mixed tree once, serves it with each checkout's ``clone-agent serve``
 (the same interpreter, ``PYTHONPATH`` set to the checkout), and pulls it with each
@@ -9,7 +9,8 @@ checkout's ``clone-agent pull --require-no-ssl --max-concurrency 4``, interleave
 order swaps every round), ROUNDS times each. Destinations stay until the end: ext4
 without a journal makes a clone that follows a removal pay for the freed inodes
 (docs/bench.md, Protocol). Prints every time, the medians, and the median of the
-per-round ratios this/other.
+per-round ratios this/other. ``--local``: ``clone-agent clone-local`` instead of a
+pull (no server).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def main() -> None:
     ap.add_argument("other", help="another checkout of clone-agent (a git worktree)")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--dir", default=None, help="where to make the data (default: TMPDIR)")
+    ap.add_argument("--local", action="store_true", help="clone-local, not a pull")
     args = ap.parse_args()
     trees = {"this": HERE, "other": os.path.abspath(args.other)}
     with tempfile.TemporaryDirectory(prefix="clone-agent-versus-", dir=args.dir) as tmp:
@@ -66,19 +68,21 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in trees}
         try:
             for name, tree in trees.items():
-                serves[name] = _serve(tree, src)
+                if not args.local:
+                    serves[name] = _serve(tree, src)
             for r in range(args.rounds):
                 for name in (("this", "other") if r % 2 else ("other", "this")):
-                    tree, port = trees[name], serves[name][1]
+                    tree, dest = trees[name], str(base / f"{name}-{r}")
+                    cmd = ["clone-local", str(src), "--data-dir", dest] if args.local else \
+                        ["pull", f"bench@127.0.0.1:{serves[name][1]}", "--data-dir", dest,
+                         "--max-concurrency", "4", "--require-no-ssl"]
                     started = time.monotonic()
-                    res = subprocess.run(
-                        [sys.executable, "-m", "clone_agent.cli", "pull",
-                         f"bench@127.0.0.1:{port}", "--data-dir", str(base / f"{name}-{r}"),
-                         "--max-concurrency", "4", "--require-no-ssl"],
-                        cwd=tree, env=_env(tree), capture_output=True, text=True, timeout=600)
+                    res = subprocess.run([sys.executable, "-m", "clone_agent.cli", *cmd],
+                                         cwd=tree, env=_env(tree), capture_output=True,
+                                         text=True, timeout=600)
                     wall = time.monotonic() - started
                     if res.returncode != 0:
-                        raise SystemExit(f"{name}: pull failed: {res.stderr[-400:]}")
+                        raise SystemExit(f"{name}: {cmd[0]} failed: {res.stderr[-400:]}")
                     times[name].append(wall)
                     print(f"round {r + 1}/{args.rounds} {name:<5} {wall:6.2f} s", flush=True)
         finally:

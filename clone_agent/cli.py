@@ -193,6 +193,10 @@ class _Command(TyperCommand):
         _refuse_repeats(self, ctx, args)
         return super().parse_args(ctx, args)
 
+    def format_arguments(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Nothing: typer's "Arguments" section lists them (click 8.5 would add its own
+        "Positional arguments" with the same lines)."""
+
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         _argument_help(self)
         super().format_help(ctx, formatter)

@@ -457,8 +457,9 @@ class Session:
                                            length, 0, length))
                 filled += 1
             else:
-                w = server.readers.least_loaded()
-                server.readers.submit(w, ["read", [self.tag, seq], slot, self.blocks[seq]])
+                segments = self.blocks[seq]
+                server.readers.submit(server.reader_for(segments),
+                                      ["read", [self.tag, seq], slot, segments])
 
     def _compress(self) -> None:
         server = self.server

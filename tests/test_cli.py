@@ -131,6 +131,15 @@ def test_help_given_twice_is_still_help() -> None:
     assert res.returncode == 0 and "--data-dir" in res.stdout
 
 
+@pytest.mark.parametrize(("command", "argument"), [("pull", "SOURCE"), ("kill", "DEST"),
+                                                   ("clone-local", "DATADIR")])
+def test_help_lists_each_argument_once_with_its_help(command: str, argument: str) -> None:
+    res = run_cli(command, "--help")
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stdout.splitlines() if line.strip().startswith(argument)]
+    assert len(lines) == 1 and "[required]" in lines[0], res.stdout
+
+
 def test_a_misspelt_setting_in_the_environment_is_a_warning(tmp_path: Path) -> None:
     """The environment is shared with everything else: a name that is no setting is
     said (with the closest one), and the command goes on without it."""
