@@ -64,15 +64,6 @@ def _server(datadir: str, url: str, copy_to: str | None) -> DonorServer:
                 pool_args = {**pool_args, "copy_to": copy_to}
             return super()._pool(name, target, pool_args)
 
-        def reader_for(self, segments: list[Any]) -> int:
-            # On the fast path the readers create the files: a batch of small files
-            # goes to the reader of its directory, so that two readers do not spin on
-            # one directory's lock while ext4 allocates their inodes (the writers of
-            # the normal path are kept apart the same way).
-            if copy_to and len(segments) > 1 and self.readers is not None:
-                return hash(os.path.dirname(segments[0][1])) % self.readers.n
-            return super().reader_for(segments)
-
     return LocalServer(datadir, "local", 0, url=url)
 
 

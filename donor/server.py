@@ -265,11 +265,6 @@ class DonorServer:
         _watch(self.poller, pool)
         return pool
 
-    def reader_for(self, segments: list[Any]) -> int:
-        """The reader that reads a block: the least loaded."""
-        assert self.readers is not None
-        return self.readers.least_loaded()
-
     def _start_readers(self) -> None:
         assert self.ring is not None
         self.readers = self._pool(

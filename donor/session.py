@@ -457,9 +457,8 @@ class Session:
                                            length, 0, length))
                 filled += 1
             else:
-                segments = self.blocks[seq]
-                server.readers.submit(server.reader_for(segments),
-                                      ["read", [self.tag, seq], slot, segments])
+                w = server.readers.least_loaded()
+                server.readers.submit(w, ["read", [self.tag, seq], slot, self.blocks[seq]])
 
     def _compress(self) -> None:
         server = self.server
