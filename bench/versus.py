@@ -36,10 +36,20 @@ def _env(tree: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": tree}
 
 
+def _known(tree: str, command: str, *flags: str) -> list[str]:
+    """Those of ``flags`` that ``command`` of ``tree`` has (an older checkout may
+    predate them: one without security has no --allow-anonymous, nor --require-no-ssl,
+    and its clone is plain like this one's with it)."""
+    res = subprocess.run([sys.executable, "-m", "clone_agent.cli", command, "--help"],
+                         cwd=tree, env=_env(tree), capture_output=True, text=True, timeout=60)
+    return [flag for flag in flags if flag in res.stdout]
+
+
 def _serve(tree: str, src: Path) -> tuple[subprocess.Popen[str], int]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "clone_agent.cli", "serve", str(src),
-                             "--bind", f"127.0.0.1:{port}", "--allow-anonymous"],
+                             "--bind", f"127.0.0.1:{port}",
+                             *_known(tree, "serve", "--allow-anonymous")],
                             cwd=tree, env=_env(tree), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
@@ -67,6 +77,8 @@ def main() -> None:
         serves: dict[str, tuple[subprocess.Popen[str], int]] = {}
         times: dict[str, list[float]] = {name: [] for name in trees}
         try:
+            plain = {name: _known(tree, "pull", "--require-no-ssl") for name, tree in
+                     trees.items()}
             for name, tree in trees.items():
                 if not args.local:
                     serves[name] = _serve(tree, src)
@@ -75,7 +87,7 @@ def main() -> None:
                     tree, dest = trees[name], str(base / f"{name}-{r}")
                     cmd = ["clone-local", str(src), "--data-dir", dest] if args.local else \
                         ["pull", f"bench@127.0.0.1:{serves[name][1]}", "--data-dir", dest,
-                         "--max-concurrency", "4", "--require-no-ssl"]
+                         "--max-concurrency", "4", *plain[name]]
                     started = time.monotonic()
                     res = subprocess.run([sys.executable, "-m", "clone_agent.cli", *cmd],
                                          cwd=tree, env=_env(tree), capture_output=True,
