@@ -290,8 +290,13 @@ def run_bench(quick: bool, json_mode: bool, out: str | None, rounds: int | None,
                 keep = not remove_each and \
                     shutil.disk_usage(tmp).free > size * len(tools) * rounds * 1.2 + 4 * GiB
                 made: list[Path] = []
+                order = list(tools.items())
                 for r in range(rounds):
-                    for name, tool in tools.items():
+                    # Each round starts one tool later: a tool that always ran right
+                    # after another (after the pull, whose write-back may still run)
+                    # would always pay for it (docs/bench.md, Protocol).
+                    shift = r % len(order)
+                    for name, tool in order[shift:] + order[:shift]:
                         dest = Path(tmp) / f"dest-{len(made)}"
                         run = tool(dest)
                         shape_results[name].runs.append(run)
