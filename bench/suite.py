@@ -163,6 +163,24 @@ def baselines(src: Path) -> dict[str, Callable[[Path], Run]]:
     return tools
 
 
+def _timed_cli(args: list[str], pids: list[int]) -> tuple[float, int]:
+    """Run ``clone-agent ARGS`` to its end: (wall seconds, peak PSS of ``pids`` and the
+    command's process tree). Its failure is an error with its last words."""
+    sampler = PssSampler(lambda: pids)
+    started = time.monotonic()
+    p = subprocess.Popen([sys.executable, "-m", "clone_agent.cli", *args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    pids.append(p.pid)
+    sampler.start()
+    _, err = p.communicate()
+    wall = time.monotonic() - started
+    sampler.halt.set()
+    sampler.join()
+    if p.returncode != 0:
+        raise RuntimeError(f"clone-agent {args[0]} failed: {err.decode()[-400:]}")
+    return wall, sampler.peak
+
+
 def clone_agent_tool(src: Path, extra: list[str], donor: ServeProcess | None = None
                      ) -> tuple[ServeProcess, Callable[[Path], Run]]:
     donor = donor or ServeProcess(src)
@@ -172,21 +190,9 @@ def clone_agent_tool(src: Path, extra: list[str], donor: ServeProcess | None = N
         dproc = psutil.Process(donor.proc.pid)
         d0 = _tree_cpu(dproc)
         cpu0 = _children_cpu()
-        pids: list[int] = [donor.proc.pid]
-        sampler = PssSampler(lambda: pids)
-        started = time.monotonic()
-        p = subprocess.Popen([sys.executable, "-m", "clone_agent.cli", "pull",
-                              f"bench@127.0.0.1:{donor.port}", "--data-dir", str(dest), *extra],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        pids.append(p.pid)
-        sampler.start()
-        _, err = p.communicate()
-        wall = time.monotonic() - started
-        sampler.halt.set()
-        sampler.join()
-        if p.returncode != 0:
-            raise RuntimeError(f"clone-agent pull failed: {err.decode()[-400:]}")
-        return Run(wall, _tree_cpu(dproc) - d0, _children_cpu() - cpu0, sampler.peak)
+        wall, peak = _timed_cli(["pull", f"bench@127.0.0.1:{donor.port}", "--data-dir",
+                                 str(dest), *extra], [donor.proc.pid])
+        return Run(wall, _tree_cpu(dproc) - d0, _children_cpu() - cpu0, peak)
 
     assert donor is not None
     return donor, run
@@ -198,21 +204,8 @@ def clone_local_tool(src: Path) -> Callable[[Path], Run]:
 
     def run(dest: Path) -> Run:
         cpu0 = _children_cpu()
-        pids: list[int] = []
-        sampler = PssSampler(lambda: pids)
-        started = time.monotonic()
-        p = subprocess.Popen([sys.executable, "-m", "clone_agent.cli", "clone-local",
-                              str(src), "--data-dir", str(dest)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        pids.append(p.pid)
-        sampler.start()
-        _, err = p.communicate()
-        wall = time.monotonic() - started
-        sampler.halt.set()
-        sampler.join()
-        if p.returncode != 0:
-            raise RuntimeError(f"clone-agent clone-local failed: {err.decode()[-400:]}")
-        return Run(wall, 0.0, _children_cpu() - cpu0, sampler.peak)
+        wall, peak = _timed_cli(["clone-local", str(src), "--data-dir", str(dest)], [])
+        return Run(wall, 0.0, _children_cpu() - cpu0, peak)
 
     return run
 
@@ -468,6 +461,16 @@ def _pair_ratio(base: dict[str, Any], other: dict[str, Any]) -> tuple[float, str
     return other["wall_s"] / base["wall_s"], "ratio of medians"
 
 
+def _worst_pair(name: str, pairs: dict[str, tuple[float, str]], limit: float,
+                missing: str) -> dict[str, Any]:
+    """A ratio target from its (ratio, how) by shape: the worst shape's, or not measured."""
+    if not pairs:
+        return _target(name, None, limit, None, "x", missing)
+    worst = max(pairs, key=lambda s: pairs[s][0])
+    value, how = pairs[worst]
+    return _target(name, value, limit, value <= limit, "x", f"{how}, worst shape: {worst}")
+
+
 def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The bench's targets, each held, missed or not measured (``held`` None)."""
     by_shape: dict[str, dict[str, dict[str, Any]]] = {}
@@ -484,29 +487,17 @@ def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         worst = max(ratios, key=lambda s: ratios[s])
         out.append(_target(name, ratios[worst], 1.0, ratios[worst] < 1.0, "x",
                            f"agent/tool, worst shape: {worst}"))
-    name = f"encrypted clone at most {TARGET_ENCRYPTED}x the plain clone's time"
-    pairs = {shape: _encrypted_ratio(t["clone-agent"], t["clone-agent encrypted"])
-             for shape, t in by_shape.items()
-             if {"clone-agent", "clone-agent encrypted"} <= t.keys()}
-    if pairs:
-        worst = max(pairs, key=lambda s: pairs[s][0])
-        value, how = pairs[worst]
-        out.append(_target(name, value, TARGET_ENCRYPTED, value <= TARGET_ENCRYPTED, "x",
-                           f"{how}, worst shape: {worst}"))
-    else:
-        out.append(_target(name, None, TARGET_ENCRYPTED, None, "x",
-                           "no encrypted clone in this run"))
-    name = f"clone-local at most {TARGET_LOCAL_CP}x cp -a's time"
-    pairs = {shape: _pair_ratio(t["cp -a"], t["clone-agent local"])
-             for shape, t in by_shape.items() if {"cp -a", "clone-agent local"} <= t.keys()}
-    if pairs:
-        worst = max(pairs, key=lambda s: pairs[s][0])
-        value, how = pairs[worst]
-        out.append(_target(name, value, TARGET_LOCAL_CP, value <= TARGET_LOCAL_CP, "x",
-                           f"{how}, worst shape: {worst}"))
-    else:
-        out.append(_target(name, None, TARGET_LOCAL_CP, None, "x",
-                           "no clone-local beside cp -a in this run"))
+    out.append(_worst_pair(
+        f"encrypted clone at most {TARGET_ENCRYPTED}x the plain clone's time",
+        {shape: _encrypted_ratio(t["clone-agent"], t["clone-agent encrypted"])
+         for shape, t in by_shape.items()
+         if {"clone-agent", "clone-agent encrypted"} <= t.keys()},
+        TARGET_ENCRYPTED, "no encrypted clone in this run"))
+    out.append(_worst_pair(
+        f"clone-local at most {TARGET_LOCAL_CP}x cp -a's time",
+        {shape: _pair_ratio(t["cp -a"], t["clone-agent local"])
+         for shape, t in by_shape.items() if {"cp -a", "clone-agent local"} <= t.keys()},
+        TARGET_LOCAL_CP, "no clone-local beside cp -a in this run"))
     name = f"throttle within {TARGET_THROTTLE_PCT:g}% in its worst 2-second window"
     throttle = report.get("throttle")
     if throttle and throttle.get("windows"):

@@ -103,6 +103,17 @@ class SwapPaths:
 
 
 # -- locks ------------------------------------------------------------------------------
+def _within(attempt: Callable[[], bool], timeout: float) -> bool:
+    """``attempt`` until it succeeds, for ``timeout`` seconds at most (polled: the
+    holders of a lock are other processes that end or release on their own clock)."""
+    deadline = time.monotonic() + timeout
+    while not attempt():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 class DirLock:
     """A flock on a directory's own inode, held by the process that made this object
     (never inherited: the descriptor is close-on-exec). ``close()`` releases it."""
@@ -129,23 +140,12 @@ class DirLock:
         return self._try(fcntl.LOCK_EX, "exclusive")
 
     def wait_exclusive(self, timeout: float) -> bool:
-        """Exclusive within ``timeout`` seconds (polled: the holders are other processes
-        that end or release on their own clock); False if it did not come."""
-        deadline = time.monotonic() + timeout
-        while not self.try_exclusive():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.01)
-        return True
+        """Exclusive within ``timeout`` seconds; False if it did not come."""
+        return _within(self.try_exclusive, timeout)
 
     def wait_shared(self, timeout: float) -> bool:
-        """Shared within ``timeout`` seconds, polled as :meth:`wait_exclusive`."""
-        deadline = time.monotonic() + timeout
-        while not self.try_shared():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.01)
-        return True
+        """Shared within ``timeout`` seconds; False if it did not come."""
+        return _within(self.try_shared, timeout)
 
     def share(self) -> None:
         """From exclusive to shared (nobody else can hold it meanwhile: cannot fail)."""
