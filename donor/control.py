@@ -33,7 +33,7 @@ from engine.control import INFO_NAME, MAX_LINE, SOCKET_NAME, answer_error, encod
 from engine.errors import CloneError, CloneInProgress, ProtocolError
 from engine.fsutil import write_durable
 from engine.ipc import EndpointDir
-from engine.swap import DirLock, open_shared, settle
+from engine.swap import DirLock, open_shared, settle_gone
 
 log = logging.getLogger("clone_agent.donor")
 #: Seconds a pull that went away may still hold its lock on the directory (it is
@@ -207,12 +207,12 @@ class ServeControl:
         if conn is not self.reserved:
             return
         self.reserved = None
-        done = settle(self.datadir, strict=False)
+        # A pull killed with SIGKILL: the kernel may close its end of this channel
+        # before its locks on the directory and on the replace.
+        done = settle_gone(self.datadir, LOCK_GONE_WITHIN)
         if done:
             log.warning("the replacing pull went away; its replace was %s", done)
         if self.released:
-            # A pull killed with SIGKILL: the kernel may close its end of this channel
-            # before the descriptor of its exclusive lock on the directory.
             self._reopen(wait=LOCK_GONE_WITHIN)
 
     def close(self) -> None:

@@ -60,6 +60,17 @@ def data_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
     return out
 
 
+#: The latest time a manifest carries: a signed 64-bit count of nanoseconds (2262-04-11).
+#: ext4 holds times up to 2446; a later one is sent as this, with a warning.
+LATEST_NS = (1 << 63) - 1
+
+
+def times(st: os.stat_result) -> tuple[int, int, int]:
+    """mtime, atime and ctime in ns, none later than :data:`LATEST_NS`."""
+    return (min(st.st_mtime_ns, LATEST_NS), min(st.st_atime_ns, LATEST_NS),
+            min(st.st_ctime_ns, LATEST_NS))
+
+
 def stamp(size: int, mtime_ns: int, ctime_ns: int) -> int:
     """What a file looked like, as one number (never 0): the plan puts the scan's in
     each segment, and the reader compares the file it has just read with it (the hash
@@ -222,7 +233,8 @@ class Reader:
         st = os.fstat(fd)
         if st.st_nlink == 0:
             return "gone", "removed while it was read"
-        if short or stamp(st.st_size, st.st_mtime_ns, st.st_ctime_ns) != mark:
+        mtime, _, ctime = times(st)
+        if short or stamp(st.st_size, mtime, ctime) != mark:
             return "changed", "changed while it was read"
         return None
 

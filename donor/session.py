@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from donor.plan import SKIP_PAGED, Entry, plan, scan
+from donor.reader import times
 from donor.snapshot import Snapshot
 from engine import messages as M
 from engine import protocol as P
@@ -369,9 +370,10 @@ class Session:
             self.notes.append(M.Note("vanished", entry.rel, "removed on the donor while "
                                      "the clone read it: not copied"))
             return None
+        mtime, atime, ctime = times(st)
         entry = dataclasses.replace(
-            entry, size=st.st_size, mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns,
-            atime_ns=st.st_atime_ns, ctime_ns=st.st_ctime_ns,
+            entry, size=st.st_size, mode=stat.S_IMODE(st.st_mode), mtime_ns=mtime,
+            atime_ns=atime, ctime_ns=ctime,
             dense=st.st_blocks * 512 >= st.st_size)
         self.entries[fid] = entry
         return entry

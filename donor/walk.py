@@ -33,6 +33,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from donor.reader import LATEST_NS, times
 from engine import acl
 from engine.errors import LocalIOError
 from engine.fsutil import PATH_PIECE, parent_at, proc_path
@@ -186,6 +187,10 @@ class Scanner:
         if kind is None:
             self.note("type", rel, "not copied: a file type Linux cannot create")
             return None
+        mtime, atime, ctime = times(st)
+        if max(st.st_mtime_ns, st.st_atime_ns) > LATEST_NS:
+            self.note("time", rel, "a time after 2262-04-11 (the latest a signed 64-bit "
+                      "count of nanoseconds holds) is copied as that day")
         entries = self.tree.entries
         fid = len(entries)
         wide = 256 + 6 * len(rel)  # from above: a character may take 6 bytes in JSON
@@ -194,7 +199,7 @@ class Scanner:
         if kind != "d" and st.st_nlink > 1:
             first = self.inodes.setdefault((st.st_dev, st.st_ino), fid)
             if first != fid:
-                entries.append("h", rel, 0, stat.S_IMODE(st.st_mode), st.st_mtime_ns,
+                entries.append("h", rel, 0, stat.S_IMODE(st.st_mode), mtime,
                                link=first, path=path)
                 return "h"
         mode = stat.S_IMODE(st.st_mode)
@@ -224,9 +229,9 @@ class Scanner:
         if wide > self.tree.widest:
             self.tree.widest = wide
         entries.append(
-            kind, rel, st.st_size if kind == "f" else 0, mode, st.st_mtime_ns,
+            kind, rel, st.st_size if kind == "f" else 0, mode, mtime,
             dense=kind == "f" and st.st_blocks * 512 >= st.st_size, uid=uid, gid=gid,
-            atime_ns=st.st_atime_ns, ctime_ns=st.st_ctime_ns, path=path, target=target,
+            atime_ns=atime, ctime_ns=ctime, path=path, target=target,
             rdev=st.st_rdev if kind in ("c", "b") else 0, xattrs=xattrs, acl=acc,
             dacl=dflt, names=first_named)
         return kind

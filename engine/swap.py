@@ -435,6 +435,26 @@ def settle(datadir: str, strict: bool = True, held: DirLock | None = None) -> st
         lock.close()
 
 
+def settle_gone(datadir: str, timeout: float) -> str | None:
+    """:func:`settle` for a pull known to have ended (its control channel closed): its
+    process may still hold ``#pull.lock`` or DATADIR a moment longer (a process killed
+    with SIGKILL closes its descriptors in no set order), so what it left is retried
+    until it is settled or ``timeout`` seconds have passed."""
+    paths = SwapPaths(os.path.abspath(datadir))
+    outcome: list[str | None] = [None]
+
+    def attempt() -> bool:
+        try:
+            outcome[0] = settle(datadir, strict=True)
+        except CloneInProgress:
+            return False
+        return outcome[0] is not None or not any(
+            os.path.lexists(p) for p in (paths.journal, paths.new, paths.old))
+
+    _within(attempt, timeout)
+    return outcome[0]
+
+
 def _live(journal: dict[str, Any] | None, strict: bool) -> str | None:
     if strict and journal is not None and journal["state"] == SWAPPING:
         raise CloneInProgress(hint=LIVE_HINT)

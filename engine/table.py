@@ -63,17 +63,23 @@ class Table:
                **rare: Any) -> int:
         """Add an entry; its id. ``path``: kept only when it is not ``root``/``rel``."""
         fid = len(self._kind)
-        self._kind.append(ord(kind))
-        self._flags.append((_DENSE if dense else 0) | (_ATIME if atime_ns is not None else 0))
-        self._size.append(size)
-        self._mode.append(mode)
-        self._mtime.append(mtime_ns)
-        self._atime.append(atime_ns or 0)
-        self._ctime.append(ctime_ns)
-        self._uid.append(_NO_ID if uid < 0 else uid)
-        self._gid.append(_NO_ID if gid < 0 else gid)
-        self._names += _encode(rel)
-        self._ends.append(len(self._names))
+        name = _encode(rel)
+        try:
+            self._kind.append(ord(kind))
+            self._flags.append((_DENSE if dense else 0) |
+                               (_ATIME if atime_ns is not None else 0))
+            self._size.append(size)
+            self._mode.append(mode)
+            self._mtime.append(mtime_ns)
+            self._atime.append(atime_ns or 0)
+            self._ctime.append(ctime_ns)
+            self._uid.append(_NO_ID if uid < 0 else uid)
+            self._gid.append(_NO_ID if gid < 0 else gid)
+            self._ends.append(len(self._names) + len(name))
+        except (OverflowError, ValueError, TypeError):
+            self._truncate(fid)  # all of the entry or none of it: the columns stay aligned
+            raise
+        self._names += name
         kept = {k: v for k, v in rare.items() if v != _RARE[k]}
         if path and path != self._path(rel):
             kept["path"] = path
@@ -89,6 +95,11 @@ class Table:
                            atime_ns=e.atime_ns, ctime_ns=e.ctime_ns, dense=e.dense,
                            path=e.path, target=e.target, rdev=e.rdev, link=e.link,
                            xattrs=e.xattrs, acl=e.acl, dacl=e.dacl, names=e.names)
+
+    def _truncate(self, n: int) -> None:
+        for column in (self._kind, self._flags, self._size, self._mode, self._mtime,
+                       self._atime, self._ctime, self._uid, self._gid, self._ends):
+            del column[n:]
 
     # -- reading ----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -166,6 +177,10 @@ class Table:
         """Entry ``fid`` as it is now (its name and type never change)."""
         if e.id != fid or e.kind != self.kind(fid):
             raise ValueError(f"entry {fid} replaced by another")
+        for value in (e.size, e.mtime_ns, e.atime_ns or 0, e.ctime_ns):  # checked first:
+            array("q", [value])  # a value that does not fit changes nothing
+        array("H", [e.mode])
+        array("I", [_NO_ID if e.uid < 0 else e.uid, _NO_ID if e.gid < 0 else e.gid])
         self._flags[fid] = (self._flags[fid] & _GONE) | (_DENSE if e.dense else 0) | \
             (_ATIME if e.atime_ns is not None else 0)
         self._size[fid] = e.size

@@ -9,7 +9,11 @@ kill -9 there leaves (tests/test_replace.py kills real pulls)."""
 from __future__ import annotations
 
 import os
+import select
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from engine.swap import (
     read_journal,
     rollback,
     settle,
+    settle_gone,
     top_names,
     tree_bytes,
 )
@@ -259,3 +264,54 @@ def test_an_undo_refuses_a_state_no_swap_leaves(tmp_path: Path) -> None:
     shutil.rmtree(paths.new)
     with pytest.raises(LocalIOError, match="is gone"):
         settle(str(d))
+
+
+_DYING_PULL = """
+import sys, time
+from engine.swap import DirLock, PullLock, SwapPaths
+d = sys.argv[1]
+pull = PullLock(SwapPaths(d))
+assert pull.try_lock()
+data = DirLock(d)
+assert data.try_exclusive()
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))  # a process on its way out: its locks go when it ends
+"""
+
+
+def test_what_an_ending_pull_left_is_settled_once_its_locks_go(tmp_path: Path) -> None:
+    """A pull killed mid-swap: its server may see its channel close before the kernel
+    has closed the pull's locks. settle() alone refuses then; settle_gone() retries
+    until they go, and rolls back."""
+    d, old, _ = _trees(tmp_path)
+    _crash_swap(d, "rename:2")
+    root = Path(__file__).resolve().parent.parent
+    child = subprocess.Popen([sys.executable, "-c", _DYING_PULL, str(d), "0.5"], cwd=root,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        ready, _, _ = select.select([child.stdout], [], [], 30)
+        assert ready and child.stdout.readline().strip() == "held"
+        with pytest.raises(CloneInProgress):
+            settle(str(d))  # the moment the server reacts: the locks are still held
+        started = time.monotonic()
+        assert settle_gone(str(d), 10.0) == "rolled back"
+        assert time.monotonic() - started < 10.0
+    finally:
+        child.kill()
+        child.wait(10)
+    assert describe(d) == old and read_journal(SwapPaths(str(d))) is None
+
+
+def test_settle_gone_gives_up_after_its_time(tmp_path: Path) -> None:
+    d, _, _ = _trees(tmp_path)
+    _crash_swap(d, "rename:2")
+    live = PullLock(SwapPaths(str(d)))
+    try:
+        assert live.try_lock()  # a pull that does not end
+        started = time.monotonic()
+        assert settle_gone(str(d), 0.3) is None
+        assert 0.3 <= time.monotonic() - started < 5
+        assert read_journal(SwapPaths(str(d)))["state"] == "swapping"  # left as it was
+    finally:
+        live.close()

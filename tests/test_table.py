@@ -117,3 +117,17 @@ def test_the_scans_order_is_accepted(tmp_path: Path) -> None:
     finally:
         manifest.close()
     assert sorted(manifest.files()) == ["a/x", "a/y", "b", "c/z"]
+
+
+def test_a_value_that_does_not_fit_changes_nothing() -> None:
+    """All of an entry or none of it: the columns stay aligned for the entries after."""
+    table = Table()
+    table.add(M.Entry(0, "f", "a", 1, 0o644, 5))
+    with pytest.raises(OverflowError):
+        table.add(M.Entry(1, "f", "b", 1, 0o644, 1 << 63))
+    assert len(table) == 1
+    table.add(M.Entry(1, "f", "c", 2, 0o600, 7, uid=3))
+    assert table[:] == [M.Entry(0, "f", "a", 1, 0o644, 5), M.Entry(1, "f", "c", 2, 0o600, 7, uid=3)]
+    with pytest.raises(OverflowError):
+        table[1] = M.Entry(1, "f", "c", 9, 0o600, 1 << 63)
+    assert table[1] == M.Entry(1, "f", "c", 2, 0o600, 7, uid=3)
