@@ -138,15 +138,18 @@ class Table:
         return self._entry(fid)
 
     def _entry(self, i: int) -> Entry:
-        rel = self.rel(i)
+        start = self._ends[i - 1] if i else 0
+        rel = self._names[start:self._ends[i]].decode("utf-8", "surrogatepass")
         flags = self._flags[i]
         uid, gid = self._uid[i], self._gid[i]
-        rare = self._rare.get(i)
+        # Positional, in Entry's field order: a block's segments each make one, and
+        # keywords cost a third more.
         e = Entry(i, chr(self._kind[i]), rel, self._size[i], self._mode[i], self._mtime[i],
-                  dense=bool(flags & _DENSE), uid=-1 if uid == _NO_ID else uid,
-                  gid=-1 if gid == _NO_ID else gid,
-                  atime_ns=self._atime[i] if flags & _ATIME else None,
-                  ctime_ns=self._ctime[i], path=self._path(rel))
+                  "", bool(flags & _DENSE), -1 if uid == _NO_ID else uid,
+                  -1 if gid == _NO_ID else gid, self._atime[i] if flags & _ATIME else None,
+                  0, -1, (), b"", b"", (), self._path(rel),
+                  self._ctime[i])
+        rare = self._rare.get(i)
         if rare is not None:
             for key, value in rare.items():
                 setattr(e, key, value)
