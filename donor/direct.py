@@ -15,9 +15,10 @@ The destination is reached as the writers reach it: every open is relative to it
 root, with O_NOFOLLOW (it holds no links while data flows), and a file is created
 private (0600). Two orders are not the donor's to decide, so this path steps aside:
 
-- the recipient creates directories as it checks the manifest's pages, and the donor's
-  first reads may come before it has checked the last one: a segment whose directory is
-  not made yet travels through the ring (its file is new, so nothing there is stale);
+- the recipient creates directories as it checks the manifest's pages (the donor of
+  this path reads nothing before the recipient's credit, which follows the last page,
+  but a segment whose directory is missing all the same travels through the ring: its
+  file is new, so nothing there is stale);
 - where the kernel refuses to copy between the two (EXDEV: another file system;
   EOPNOTSUPP, ENOSYS, EINVAL: a file system or kernel without it), this process sends
   every later segment through the ring, the normal path.

@@ -57,10 +57,12 @@ class Conn:
 class Gate:
     """The connections of one server and their state of trust."""
 
-    def __init__(self, users: UsersFile | None, key: crypto.StaticKey,
+    def __init__(self, users: UsersFile | None, key: crypto.StaticKey | None,
                  require_secure_transport: bool = False) -> None:
+        """``key``: the donor's key pair; None: one made at the first encrypted HELLO,
+        for this server's life."""
         self.users = users
-        self.key = key
+        self._key = key
         self.require_secure = require_secure_transport
         self.conns: dict[bytes, Conn] = {}
         self._secret = os.urandom(32)  #: for the verifiers of unknown users
@@ -68,6 +70,12 @@ class Gate:
         self.auth_failures = 0  #: every failed proof since the start (metrics)
         #: replies held back for a failed password: (when, ident, error)
         self.delayed: list[tuple[float, bytes, Exception]] = []
+
+    @property
+    def key(self) -> crypto.StaticKey:
+        if self._key is None:
+            self._key = crypto.StaticKey.generate()
+        return self._key
 
     @property
     def anonymous(self) -> bool:

@@ -10,9 +10,10 @@ usual: the server's readers, the recipient's writers.
 Why a thread and not a process of its own: the donor's start is most of a small
 clone-local's time. A process would pay an interpreter and its own import of ZeroMQ,
 the cipher and the protocol, which the command line imports anyway for the recipient;
-here the two share them, and the server's readers start while the recipient starts
-its writers (docs/bench.md). Both coordinators then share one interpreter; on the fast
-path (:mod:`donor.direct`) a block costs each little.
+here the two share them, and the server's readers start while the recipient imports
+and shakes hands (the server does not wait for them to be ready, as ``serve`` does).
+Both coordinators then share one interpreter; on the fast path (:mod:`donor.direct`)
+a block costs each little.
 
 ``with LocalDonor(...)`` waits until the server accepts clones (a server that cannot
 start raises its error, a data directory another process owns say) and, however the
@@ -59,12 +60,18 @@ def _server(datadir: str, url: str, copy_to: str | None) -> DonorServer:
     from donor.server import DonorServer
 
     class LocalServer(DonorServer):
+        pools_ready_first = False
+
         def _pool(self, name: str, target: str, pool_args: dict[str, Any]) -> Any:
             if copy_to and target == "donor.reader:Reader":
                 pool_args = {**pool_args, "copy_to": copy_to}
             return super()._pool(name, target, pool_args)
 
-    return LocalServer(datadir, "local", 0, url=url)
+    server = LocalServer(datadir, "local", 0, url=url)
+    if copy_to:
+        server.direct = True
+        server.lanes = server.n_readers
+    return server
 
 
 class LocalDonor:

@@ -39,6 +39,8 @@ class Plan:
         self.len = array("q")
         self.mark = array("q")
         self.starts = array("q", [0])
+        #: each block's lane (see :func:`plan`), -1 for a batch or a plan without lanes
+        self.lanes = array("b")
 
     def add(self, fid: int, off: int, size: int, mark: int) -> None:
         """A segment of the block being made."""
@@ -47,9 +49,10 @@ class Plan:
         self.len.append(size)
         self.mark.append(mark)
 
-    def cut(self) -> None:
+    def cut(self, lane: int = -1) -> None:
         """The block being made is complete."""
         self.starts.append(len(self.fid))
+        self.lanes.append(lane)
 
     def __len__(self) -> int:
         return len(self.starts) - 1
@@ -67,8 +70,8 @@ class Plan:
             yield self[b]
 
 
-def plan(entries: Iterable[Entry], block_size: int = BLOCK_SIZE, check: bool = True
-         ) -> Plan:
+def plan(entries: Iterable[Entry], block_size: int = BLOCK_SIZE, check: bool = True,
+         lanes: int = 1) -> Plan:
     """Cut the files into blocks; each block is a list of segments.
 
     ``entries``: a scan's :class:`~engine.table.Table` (whose paths the plan reads
@@ -84,7 +87,13 @@ def plan(entries: Iterable[Entry], block_size: int = BLOCK_SIZE, check: bool = T
     Blocks of batched small files are spread evenly among the blocks of big files
     rather than sent at the end: creating thousands of files costs the recipient CPU
     (inode allocation) while writing big blocks mostly waits on the disk, so the two
-    overlap instead of running one after the other."""
+    overlap instead of running one after the other.
+
+    ``lanes`` > 1 (clone-local's fast path, a lane a reader): the whole blocks come
+    from that many files at a time, one block of each in turn, and each block says its
+    lane (:attr:`Plan.lanes`), so that each reader copies a file of its own. Two
+    readers copying into one file take turns at its lock (a kernel copy writes under
+    it): blocks of one big file spread over both ran barely faster than one reader."""
     paths: Callable[[int], str]
     if isinstance(entries, Table):
         paths, files = entries.path, entries.files()
@@ -112,12 +121,38 @@ def plan(entries: Iterable[Entry], block_size: int = BLOCK_SIZE, check: bool = T
         batch_bytes += tail
     if batch:
         batches.cut()
-    return _interleave(whole, batches, block_size)
+    if lanes > 1:
+        return _interleave(*_in_lanes(whole, lanes), batches, block_size)
+    return _interleave(whole, [-1] * len(whole), batches, block_size)
 
 
-def _interleave(whole: list[tuple[int, int, int]], batches: Plan, block_size: int) -> Plan:
-    """The whole blocks and the batches in one plan, the batches evenly spaced, each
-    keeping its own order."""
+def _in_lanes(whole: list[tuple[int, int, int]], lanes: int
+              ) -> tuple[list[tuple[int, int, int]], list[int]]:
+    """``whole`` (each file's blocks together) dealt into lanes, a file to the lane with
+    the fewest blocks so far, then taken a block of each lane in turn; and the lane of
+    each block."""
+    dealt: list[list[tuple[int, int, int]]] = [[] for _ in range(lanes)]
+    i = 0
+    while i < len(whole):
+        j = i + 1
+        while j < len(whole) and whole[j][0] == whole[i][0]:
+            j += 1
+        min(dealt, key=len).extend(whole[i:j])
+        i = j
+    order: list[tuple[int, int, int]] = []
+    lane_of: list[int] = []
+    for k in range(max(map(len, dealt))):
+        for lane, blocks in enumerate(dealt):
+            if k < len(blocks):
+                order.append(blocks[k])
+                lane_of.append(lane)
+    return order, lane_of
+
+
+def _interleave(whole: list[tuple[int, int, int]], lanes: list[int], batches: Plan,
+                block_size: int) -> Plan:
+    """The whole blocks (each in its lane) and the batches in one plan, the batches
+    evenly spaced, each keeping its own order."""
     if not whole:
         return batches
     out = Plan(batches.paths)
@@ -129,7 +164,7 @@ def _interleave(whole: list[tuple[int, int, int]], batches: Plan, block_size: in
             _copy(batches, b, out)
         j = due
         out.add(fid, off, block_size, mark)
-        out.cut()
+        out.cut(lanes[i])
     for b in range(j, nb):
         _copy(batches, b, out)
     return out

@@ -88,6 +88,16 @@ def _unwatch(poller: zmq.Poller, pool: Pipeline) -> None:
 class DonorServer:
     """Serves ``datadir`` on ``host:port`` until ``should_stop()`` says so."""
 
+    #: ``serve`` is ready once its readers are: one that cannot start fails at once,
+    #: not at the first clone. clone-local's donor turns it off (its readers start while
+    #: the handshake and the scan run; a failure fails that clone alike).
+    pools_ready_first = True
+    #: clone-local's fast path: the readers copy into the destination (donor/direct.py)
+    direct = False
+    #: FILE COPY's plan in this many lanes, a reader each (donor/plan.py): the fast path
+    #: sets it to its readers
+    lanes = 1
+
     def __init__(self, datadir: str, host: str, port: int, readers: int = 2,
                  slots: int = 16, idle_timeout: float = 60.0, url: str | None = None,
                  workload: int | None = None, debug_sync: dict[str, int] | None = None,
@@ -129,8 +139,9 @@ class DonorServer:
         self.out_ring: Ring | None = None
         self.compressors: Pipeline | None = None
         self.poller = zmq.Poller()
-        self.key = key if key is not None else crypto.StaticKey.generate()
-        self.gate = Gate(users, self.key, require_secure_transport)
+        # No key given: one is made when first needed (serve's start names it;
+        # clone-local's recipient never asks for encryption, so its donor makes none).
+        self.gate = Gate(users, key, require_secure_transport)
         #: the local control channel (a `pull --replace` of this directory: RESTART)
         self.control: ServeControl | None = None
         self.released = False  #: the directory is let go for a replace
@@ -161,7 +172,7 @@ class DonorServer:
             self._start_readers()
             if self.url is None:  # clone-local's donor is its command line's alone
                 self.control.listen(f"{self.host}:{self.port}", self.poller)
-                log.info("donor key %s%s", self.key.fingerprint,
+                log.info("donor key %s%s", self.gate.key.fingerprint,
                          "; anyone may clone (--allow-anonymous)" if self.gate.anonymous
                          else "")
             on_ready(self.host, self.port)
@@ -254,11 +265,13 @@ class DonorServer:
 
     # -- the worker pools -----------------------------------------------------------------
     def _pool(self, name: str, target: str, args: dict[str, Any]) -> Pipeline:
-        """A started pool whose workers are ready; on failure, none is left running."""
+        """A started pool whose workers are ready (unless :attr:`pools_ready_first` is
+        off); on failure, none is left running."""
         pool = Pipeline(name, target, self.n_readers, args)
         try:
             pool.start()
-            pool.wait_ready(POOL_READY_TIMEOUT)
+            if self.pools_ready_first:
+                pool.wait_ready(POOL_READY_TIMEOUT)
         except BaseException:
             pool.close(abort=True)
             raise

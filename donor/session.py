@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from donor.plan import SKIP_PAGED, Entry, plan, scan
+from donor.plan import SKIP_PAGED, Entry, Plan, plan, scan
 from donor.reader import times
 from donor.snapshot import Snapshot
 from engine import messages as M
@@ -174,8 +174,10 @@ class Session:
         #: blocks that were in flight when the connection broke: the REINIT's locator
         #: says which of them arrived
         self.inflight_seqs: list[int] = []
+        self.credited = False  #: the recipient has given credit (any)
         self.start_state("FILE COPY", plan(self.entries, self.block_size,
-                                           check=self.snapshot is None), "read")
+                                           check=self.snapshot is None,
+                                           lanes=server.lanes), "read")
         self.last_heard = time.monotonic()  #: progress (blocks acknowledged, commands)
         self.last_any = time.monotonic()  #: any message, pings too
         self.last_sent = time.monotonic()
@@ -271,6 +273,7 @@ class Session:
             freed.append(held)
             self._done(seq)
         stream.credit = min(stream.credit + ack.credit, P.MAX_CREDIT)
+        self.credited = self.credited or ack.credit > 0
         return freed
 
     def _done(self, seq: int) -> None:
@@ -438,6 +441,11 @@ class Session:
 
     def _read(self, now: float) -> None:
         server = self.server
+        if server.direct and not self.credited:
+            # clone-local's fast path: a reader copies into the destination only where
+            # the recipient has made the directory, which it has once it gives credit
+            # (after the whole manifest); blocks read ahead would come through the ring.
+            return
         ring = server.ring
         assert ring is not None and server.readers is not None
         filled = 0
@@ -459,7 +467,9 @@ class Session:
                                            length, 0, length))
                 filled += 1
             else:
-                w = server.readers.least_loaded()
+                assert isinstance(self.blocks, Plan)  # a "read" state's
+                lane = self.blocks.lanes[seq]
+                w = lane % server.readers.n if lane >= 0 else server.readers.least_loaded()
                 server.readers.submit(w, ["read", [self.tag, seq], slot, self.blocks[seq]])
 
     def _compress(self) -> None:

@@ -33,14 +33,16 @@ import hmac
 import os
 import struct
 from dataclasses import dataclass
-
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from typing import TYPE_CHECKING
 
 from engine.errors import LocalIOError, ProtocolError, SslError, UsageError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+# `cryptography` is imported where a key, a handshake or a cipher is made, not with
+# this module: a plain clone (clone-local's above all) never needs it, and its import
+# is about 35 ms of every command's start.
 
 LABEL = b"clone-agent handshake v1"
 KEY_HEADER = "clone-agent private key v1"
@@ -79,6 +81,8 @@ class StaticKey:
 
     @classmethod
     def generate(cls) -> StaticKey:
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
         key = X25519PrivateKey.generate()
         return cls(key, _raw_public(key))
 
@@ -91,12 +95,16 @@ class StaticKey:
 
 
 def _raw_public(key: X25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_key().public_bytes(serialization.Encoding.Raw,
                                          serialization.PublicFormat.Raw)
 
 
 def write_keypair(prefix: str) -> StaticKey:
     """``PREFIX.key`` (0600) and ``PREFIX.pub``; refuses to overwrite either."""
+    from cryptography.hazmat.primitives import serialization
+
     key = StaticKey.generate()
     private = key.private.private_bytes(serialization.Encoding.Raw,
                                         serialization.PrivateFormat.Raw,
@@ -147,6 +155,8 @@ def load_private(path: str) -> StaticKey:
     if os.stat(path).st_mode & 0o077:
         raise UsageError(f"the key file '{path}' may be read by others",
                          hint=f"chmod 600 {path}")
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
     key = X25519PrivateKey.from_private_bytes(_read_key_file(path, KEY_HEADER))
     return StaticKey(key, _raw_public(key))
 
@@ -172,6 +182,9 @@ class Keys:
 
 
 def _derive(e_r: bytes, e_d: bytes, s_pub: bytes, ikm: bytes) -> tuple[Keys, bytes]:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     h = hashlib.sha256(LABEL + e_r + e_d + s_pub).digest()
     okm = HKDF(algorithm=hashes.SHA256(), length=128, salt=h,
                info=b"clone-agent keys").derive(ikm)
@@ -184,12 +197,16 @@ class Initiator:
     """The recipient's side of one stream's handshake."""
 
     def __init__(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
         self._e = X25519PrivateKey.generate()
         self.hello = _raw_public(self._e)
 
     def finish(self, e_d: object, s_pub: object, confirm: object,
                pinned: bytes | None) -> Keys:
         """Check the donor's answer; ``pinned``: the donor key the user trusts."""
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
         e_d_raw = _unb64(e_d, 32, "the donor's ephemeral key")
         s_raw = _unb64(s_pub, 32, "the donor's key")
         if pinned is not None and not hmac.compare_digest(s_raw, pinned):
@@ -208,6 +225,11 @@ class Initiator:
 
 def respond(static: StaticKey, e_r: object) -> tuple[bytes, bytes, Keys]:
     """The donor's side: (its ephemeral public key, the confirmation, the keys)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+
     e_r_raw = _unb64(e_r, 32, "the recipient's ephemeral key")
     e = X25519PrivateKey.generate()
     e_pub = _raw_public(e)
@@ -226,6 +248,8 @@ class ControlCipher:
     of one connection, so any gap or replay is an attack or a corruption."""
 
     def __init__(self, send_key: bytes, recv_key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         self._send = AESGCM(send_key)
         self._recv = AESGCM(recv_key)
         self._sent = 0
@@ -259,13 +283,17 @@ class BlockSealer:
     """Seals blocks in a worker process: ``nonce || ciphertext || tag`` into a slot."""
 
     def __init__(self, key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
         self._alg = algorithms.AES(key)
+        self._cipher = Cipher
+        self._gcm = modes.GCM
 
     def seal_into(self, data: memoryview | bytes, out: memoryview, aad: bytes) -> int:
         """Encrypt ``data`` into ``out`` (at least ``len(data) + SEAL_OVERHEAD``);
         returns the bytes written."""
         nonce = os.urandom(NONCE)
-        enc = Cipher(self._alg, modes.GCM(nonce)).encryptor()
+        enc = self._cipher(self._alg, self._gcm(nonce)).encryptor()
         enc.authenticate_additional_data(aad)
         out[:NONCE] = nonce
         n = enc.update_into(data, out[NONCE:])
@@ -280,7 +308,7 @@ class BlockSealer:
             raise ProtocolError("a sealed block shorter than its nonce and tag")
         nonce = bytes(sealed[:NONCE])
         tag = bytes(sealed[-TAG:])
-        dec = Cipher(self._alg, modes.GCM(nonce, tag)).decryptor()
+        dec = self._cipher(self._alg, self._gcm(nonce, tag)).decryptor()
         dec.authenticate_additional_data(aad)
         n = dec.update_into(sealed[NONCE:-TAG], out)
         try:

@@ -314,11 +314,16 @@ class Pipeline:
     caller bounds what is outstanding) and goes at the next ``events``, which also
     drains what workers sent back. Work may be submitted before a worker is ready: it
     waits in the channel.
+
+    ``lazy``: ``with`` starts no process; :meth:`ensure_started` does, when the owner
+    first has work for one (clone-local's fast path may never have any).
     """
 
     def __init__(self, name: str, target: str, n: int, args: dict[str, Any],
-                 stop_timeout: float = 10.0) -> None:
+                 stop_timeout: float = 10.0, lazy: bool = False) -> None:
         self.name = name
+        self.lazy = lazy
+        self.started_at: float | None = None  #: time.monotonic() when started
         self.target = target
         self.n = n
         self.args = args
@@ -334,17 +339,27 @@ class Pipeline:
 
     # -- lifetime -------------------------------------------------------------------
     def __enter__(self) -> Pipeline:
+        if not self.lazy:
+            self.ensure_started()
+        return self
+
+    def ensure_started(self) -> bool:
+        """Start the workers unless started already; True if this call started them.
+        On failure, none is left running."""
+        if self.started_at is not None:
+            return False
         try:
             self.start()
         except BaseException:
             self.close(abort=True)
             raise
-        return self
+        return True
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.close(abort=exc is not None)
 
     def start(self) -> None:
+        self.started_at = time.monotonic()
         path = _worker_path()  # on PYTHONPATH, to find engine.worker; in the record, exact
         for i in range(self.n):
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

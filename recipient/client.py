@@ -232,9 +232,12 @@ class Pull:
             self._security_status()
             if t.keys is not None:  # blocks are opened by the writers
                 writer_args["data_key"] = t.keys.data
-            # The writers start while the donor scans its data directory for CONFIG.
+            # The writers start while the donor scans its data directory for CONFIG;
+            # on clone-local's fast path, only if bytes come through the ring in earnest
+            # (Transfer._on_block).
             writers = stack.enter_context(Pipeline(
-                "writer", "recipient.writer:Writer", o.writers, writer_args))
+                "writer", "recipient.writer:Writer", o.writers, writer_args,
+                lazy=o.keep.direct_copy))
             # The coordinator writes what arrives for a writer still starting (its
             # interpreter is still importing): the first blocks need not wait for it.
             t.local = Writer(-1, writer_args)
@@ -255,7 +258,7 @@ class Pull:
             t.begin_state(M.STATE_NUMBERS["FILE COPY"], cfg.blocks)
             self._checkpoint(stack, cfg, n_streams)
             t.join(min(START_STREAMS, n_streams) if t.autotune else n_streams)
-            t.read_manifest(self.manifest, cfg, slots)
+            t.read_manifest(self.manifest, cfg, slots, credit_early=not o.keep.direct_copy)
             self.book.stage("FILE COPY").estimate = self.manifest.total_bytes
             self._copy(cfg, ring, writers, None)
         return self._finish()

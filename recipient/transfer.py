@@ -77,6 +77,10 @@ log = logging.getLogger("clone_agent.recipient")
 #: Streams open at the start of an autotuned clone: one, as MySQL.
 START_STREAMS = 1
 WRITERS_READY_TIMEOUT = 60.0  #: seconds for the writer processes to start
+#: On clone-local's fast path, bytes of ring blocks the coordinator writes itself before
+#: it starts writer processes (a few blocks: a directory not yet made when its first
+#: file was read, a small page store's PAGE COPY; more is worth the processes).
+LOCAL_BYTES = 32 << 20
 #: FILES pages asked for ahead of the one being checked: the round trips overlap with
 #: the checks and the directories made, and at most this many pages wait in memory.
 MANIFEST_WINDOW = 4
@@ -177,9 +181,10 @@ class Transfer:
         self.credit_total = 0
         self.autotune = False
         self.tuner = Tuner(1)
-        self.started = time.monotonic()
-        #: writes, in this process, the blocks of a writer still starting
+        #: writes, in this process, the blocks of a writer still starting (and, on
+        #: clone-local's fast path, those without bytes)
         self.local: Writer | None = None
+        self.local_bytes = 0  #: bytes of ring blocks written here while writers are lazy
         #: answers ([seq, slot]) taken before :meth:`_written`: the coordinator's own,
         #: and the writers' read while looking for a writer's "ready"
         self.answers: list[list[int]] = []
@@ -377,12 +382,18 @@ class Transfer:
             if msg.kind != P.LOCS:
                 raise ProtocolError(f"{msg.name} instead of LOCS")
 
-    def read_manifest(self, manifest: Manifest, cfg: M.Config, slots: int) -> None:
+    def read_manifest(self, manifest: Manifest, cfg: M.Config, slots: int,
+                      credit_early: bool = True) -> None:
         """FILES pages, MANIFEST_WINDOW of them asked for ahead; data credit as soon as
         the last page is asked for. The donor answers a stream's commands in order, so
         every FILES page comes before the first block on stream 0, and the donor's
         first reads and sends overlap with the checks here. A donor that does not say
-        its page size is asked one page at a time, and credit follows the last."""
+        its page size is asked one page at a time, and credit follows the last.
+
+        ``credit_early`` False (clone-local's fast path): credit once the last page is
+        checked, when every directory is made: a reader copies into the destination
+        only where its directory exists, and the first blocks of a credit granted
+        earlier would all come through the ring instead."""
         self.manifest = manifest
         pages = max(1, -(-cfg.files // cfg.files_page)) if cfg.files_page else 0
         asked = page = 0
@@ -392,7 +403,7 @@ class Transfer:
                 while asked <= page or (asked < pages and asked - page < MANIFEST_WINDOW):
                     self.send(0, P.EXECUTE, M.Execute(self.clone_id, "files", page=asked))
                     asked += 1
-                if not credited and asked == pages:
+                if credit_early and not credited and asked == pages:
                     self.grant_credit(slots)
                     credited = True
                 msg = self.wait(0, self.t.idle, "EXECUTE files")
@@ -551,8 +562,8 @@ class Transfer:
         poller = zmq.Poller()
         for sock in self.streams:
             poller.register(sock, zmq.POLLIN)
-        for fd in writers.fds + writers.sentinels():
-            poller.register(fd, zmq.POLLIN)
+        watched: set[int] = set()
+        _watch(poller, writers, watched)
         last_heard = last_ping = self.last_word = time.monotonic()
         self.tuner.reset(last_heard, self.data_bytes, len(self.streams))
         while not (complete and self.blocks_done == total_blocks):
@@ -573,6 +584,8 @@ class Transfer:
                     complete = complete or done
                     if progressed:
                         last_heard = now
+            if len(watched) < len(writers.fds):  # a lazy pool started
+                _watch(poller, writers, watched)
             if self._acknowledge(writers, ring, origin):
                 last_ping = last_heard = now
             if now - last_ping > PING_EVERY:
@@ -658,12 +671,23 @@ class Transfer:
         # A batch of small files creates files: keep a directory on one writer, so that
         # two writers do not spin on the same directory lock (ext4 holds it while it
         # allocates an inode). Blocks of big files go to the least loaded writer.
-        writer = hash(pieces[0].rel.rpartition("/")[0]) % writers.n if len(pieces) > 1 \
-            else writers.least_loaded()
         aad = crypto.block_aad(self.clone_id, self.state_no, desc.seq, desc.raw, desc.span,
                                desc.comp, desc.segs) if self.keys is not None else b""
         order = WriteOrder(desc.seq, slot, desc.length, desc.xxh, desc.comp, desc.raw, pieces,
                            aad)
+        if writers.lazy and (desc.length == 0 or (
+                writers.started_at is None and self.local_bytes + desc.length <= LOCAL_BYTES)):
+            # clone-local's fast path: a block without bytes (the donor's reader copied
+            # them) only finishes its small files, cheaper here than a hop to a writer
+            # and back; the few blocks that come through the ring (a directory not yet
+            # made, a small page store's pages) too, before writers are worth starting.
+            self.local_bytes += desc.length
+            assert self.local is not None
+            self.answers.append(self.local.handle(order.to_wire()))
+            return
+        writers.ensure_started()
+        writer = hash(pieces[0].rel.rpartition("/")[0]) % writers.n if len(pieces) > 1 \
+            else writers.least_loaded()
         if not writers.is_ready(writer):
             # Its "ready" may wait unread in its channel (nothing read the writers while
             # the manifest came): read them now rather than write here for nothing.
@@ -683,7 +707,8 @@ class Transfer:
         if self.answers:
             done += self.answers
             self.answers = []
-        if not writers.all_ready and time.monotonic() - self.started > WRITERS_READY_TIMEOUT:
+        if not writers.all_ready and writers.started_at is not None and \
+                time.monotonic() - writers.started_at > WRITERS_READY_TIMEOUT:
             raise StageCrashed("writer", f"not ready within {WRITERS_READY_TIMEOUT:.0f} s")
         return done
 
@@ -851,3 +876,11 @@ class Transfer:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
+
+
+def _watch(poller: zmq.Poller, writers: Pipeline, watched: set[int]) -> None:
+    """Poll the writers' channels and process ends too (those not yet polled)."""
+    for fd in writers.fds + writers.sentinels():
+        if fd not in watched:
+            poller.register(fd, zmq.POLLIN)
+            watched.add(fd)

@@ -60,3 +60,31 @@ def test_a_big_files_tail_travels_in_a_batch(tmp_path: Path) -> None:
         (3 * BLOCK_SIZE, 5)]
     tail_block = next(b for b, seg in pieces if seg[3] == 5)
     assert len(tail_block) > 1 and all("/small/" in seg[1] for seg in tail_block[1:])
+
+
+def test_lanes_give_each_reader_files_of_its_own_in_turn(tmp_path: Path) -> None:
+    """clone-local's fast path: two readers copying into one file take turns at its
+    lock, so each big file is one lane's, and the lanes alternate."""
+    (tmp_path / "big").mkdir()
+    sizes = {"a": 6, "b": 2, "c": 2, "d": 1}  # whole blocks each
+    for name, n in sizes.items():
+        (tmp_path / "big" / name).write_bytes(name.encode() * (n * BLOCK_SIZE))
+    (tmp_path / "small").write_bytes(b"s" * 100)
+    entries = scan(str(tmp_path)).entries
+    one, two = plan(entries), plan(entries, lanes=2)
+    assert sorted(map(repr, two)) == sorted(map(repr, one))  # the same blocks
+    assert set(one.lanes) == {-1}
+    lane_of: dict[int, set[int]] = {}
+    whole = []
+    for b, block in enumerate(two):
+        if len(block) == 1 and block[0][3] == BLOCK_SIZE:
+            lane_of.setdefault(block[0][0], set()).add(two.lanes[b])
+            whole.append(two.lanes[b])
+        else:
+            assert two.lanes[b] == -1  # a batch goes to whichever reader is free
+    assert all(len(lanes) == 1 for lanes in lane_of.values())  # a file, one lane
+    # "a" (6 blocks) in one lane, b, c and d (5) in the other, a block of each in turn
+    assert whole[:10] == [0, 1] * 5 and whole[10:] == [0]
+    for fid in lane_of:  # each file's blocks still in order
+        offsets = [blk[0][2] for blk in two if blk[0][0] == fid]
+        assert offsets == sorted(offsets)

@@ -27,6 +27,25 @@ def test_work_comes_back_and_stop_ends_every_worker() -> None:
     assert pool.exitcodes == [0, 0, 0]
 
 
+def test_a_lazy_pool_starts_its_workers_only_when_asked() -> None:
+    with Pipeline("echo", "tests.workers:Echo", 2, {}, lazy=True) as pool:
+        assert pool.procs == [] and pool.fds == [] and not pool.all_ready
+        assert list(pool.events()) == []
+        assert pool.ensure_started() and not pool.ensure_started()
+        assert len(pool.procs) == 2
+        pool.submit(pool.least_loaded(), ["work", 1])
+        assert [ev[2][1] for ev in _collect(pool, 1)] == [1]
+        finals = pool.close()
+    assert sum(f["count"] for f in finals.values()) == 1
+    assert pool.exitcodes == [0, 0]
+
+
+def test_a_lazy_pool_never_started_closes_with_nothing_to_end() -> None:
+    with Pipeline("echo", "tests.workers:Echo", 2, {}, lazy=True) as pool:
+        pass
+    assert pool.procs == [] and pool.close() == {}
+
+
 def test_finals_of_workers_that_already_exited_are_still_read() -> None:
     """A worker may send its final report and exit before close() looks: the report is
     in its channel still, and close() must return it (it once counted only the workers
