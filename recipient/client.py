@@ -194,6 +194,10 @@ class Pull:
         block_size = block_size_for(limit_bytes(o.config)) if rec is None \
             else int(rec["config"]["block_size"])
         n_streams, slots = concurrency_plan(o.config, block_size)
+        if o.keep.direct_copy:
+            # clone-local's fast path: its blocks carry no bytes, so more streams (and
+            # autotuning them) would add only their handshakes.
+            n_streams = 1
         tune_allocator()
         calm_gc()
         # DROP DATA: nothing to drop in a new directory; this is where we reach the donor.

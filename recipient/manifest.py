@@ -272,12 +272,18 @@ class Manifest:
         """FILE SYNC: sizes, links, special files, owners, attributes, bits and times;
         then make it all durable. The top directory's own come with :meth:`finish_top`."""
         dirs = []
-        for item in self.items:
-            if item.kind == "d":
-                if item.rel != M.TOP:
+        items, done = self.items, self.done
+        for fid in range(len(items)):
+            # An entry is made only for what is left to do: most files of a tree of
+            # small ones were finished as their blocks were written.
+            if items.kind(fid) == "d":
+                item = items.get(fid)
+                if item is not None and item.rel != M.TOP:
                     dirs.append(item)
-            elif not self.done[item.id]:
-                self._finish(item)
+            elif not done[fid]:
+                item = items.get(fid)
+                if item is not None:
+                    self._finish(item)
         for item in sorted(dirs, key=lambda d: d.rel.count("/"), reverse=True):
             fd = open_at(self._root_fd(), item.rel, DIR_FLAGS)
             try:
