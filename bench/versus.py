@@ -9,14 +9,17 @@ checkout's ``clone-agent pull --require-no-ssl --max-concurrency 4``, interleave
 order swaps every round), ROUNDS times each. Destinations stay until the end: ext4
 without a journal makes a clone that follows a removal pay for the freed inodes
 (docs/bench.md, Protocol). Both checkouts are byte-compiled first. Prints every
-time, the medians, and the median of the per-round ratios this/other. ``--local``:
-``clone-agent clone-local`` instead of a pull (no server).
+time, the medians, and the median of the per-round ratios this/other, of the wall
+time and of the CPU time (the command and the processes it waited for; with a pull,
+the donor's too: its server and its readers). ``--local``: ``clone-agent
+clone-local`` instead of a pull (no server).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -24,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 from bench import datasets
 from bench.demo import free_port
@@ -62,6 +67,25 @@ def _serve(tree: str, src: Path) -> tuple[subprocess.Popen[str], int]:
     return proc, port
 
 
+def _children_cpu() -> float:
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a running process and its descendants so far (those that ended
+    and were waited for included)."""
+    total = 0.0
+    try:
+        proc = psutil.Process(pid)
+        for p in [proc, *proc.children(recursive=True)]:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+    except psutil.NoSuchProcess:
+        pass
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("other", help="another checkout of clone-agent (a git worktree)")
@@ -82,6 +106,7 @@ def main() -> None:
         syncfs(tmp)
         serves: dict[str, tuple[subprocess.Popen[str], int]] = {}
         times: dict[str, list[float]] = {name: [] for name in trees}
+        cpus: dict[str, list[float]] = {name: [] for name in trees}
         try:
             plain = {name: _known(tree, "pull", "--require-no-ssl") for name, tree in
                      trees.items()}
@@ -94,6 +119,8 @@ def main() -> None:
                     cmd = ["clone-local", str(src), "--data-dir", dest] if args.local else \
                         ["pull", f"bench@127.0.0.1:{serves[name][1]}", "--data-dir", dest,
                          "--max-concurrency", "4", *plain[name]]
+                    donor_cpu = _tree_cpu(serves[name][0].pid) if serves else 0.0
+                    own_cpu = _children_cpu()
                     started = time.monotonic()
                     res = subprocess.run([sys.executable, "-m", "clone_agent.cli", *cmd],
                                          cwd=tree, env=_env(tree), capture_output=True,
@@ -101,8 +128,12 @@ def main() -> None:
                     wall = time.monotonic() - started
                     if res.returncode != 0:
                         raise SystemExit(f"{name}: {cmd[0]} failed: {res.stderr[-400:]}")
+                    cpu = _children_cpu() - own_cpu + \
+                        (_tree_cpu(serves[name][0].pid) - donor_cpu if serves else 0.0)
                     times[name].append(wall)
-                    print(f"round {r + 1}/{args.rounds} {name:<5} {wall:6.2f} s", flush=True)
+                    cpus[name].append(cpu)
+                    print(f"round {r + 1}/{args.rounds} {name:<5} {wall:6.2f} s "
+                          f"CPU {cpu:6.2f} s", flush=True)
         finally:
             for proc, _ in serves.values():
                 proc.send_signal(signal.SIGTERM)
@@ -111,12 +142,13 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(10)
-    ratios = [a / b for a, b in zip(times["this"], times["other"], strict=True)]
-    print(f"median this {statistics.median(times['this']):.2f} s, "
-          f"other {statistics.median(times['other']):.2f} s")
-    print("per-round this/other: " + " ".join(f"{x:.3f}" for x in ratios))
-    print(f"median ratio {statistics.median(ratios):.3f} "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+    for what, figures in (("time", times), ("CPU", cpus)):
+        ratios = [a / b for a, b in zip(figures["this"], figures["other"], strict=True)]
+        print(f"{what}: median this {statistics.median(figures['this']):.2f} s, "
+              f"other {statistics.median(figures['other']):.2f} s")
+        print(f"{what}: per-round this/other: " + " ".join(f"{x:.3f}" for x in ratios))
+        print(f"{what}: median ratio {statistics.median(ratios):.3f} "
+              f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
 
 
 if __name__ == "__main__":

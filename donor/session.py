@@ -242,8 +242,7 @@ class Session:
     def files_page(self, page: int) -> M.FilesPage:
         size = self.page_entries  # fewer than 2000 where names are long
         start = page * size
-        chunk = self.entries[start : start + size]
-        return M.FilesPage(page, [e.to_wire() for e in chunk],
+        return M.FilesPage(page, self.entries.wire(start, start + size),
                            start + size >= len(self.entries))
 
     def attach(self, ident: bytes, attach: M.Attach, encrypted: bool) -> M.Locs:

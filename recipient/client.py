@@ -365,7 +365,9 @@ class Pull:
 
     def _offer(self) -> None:
         t = self.transfer
-        if self.checkpoint is None or t is None or t.written is None:
+        now = time.monotonic()
+        if self.checkpoint is None or t is None or t.written is None or \
+                not self.checkpoint.due(now):
             return
         # data counts the blocks the locator names: both taken at once, so that a
         # resumed clone's counters go on from here and count nothing twice
@@ -374,8 +376,7 @@ class Pull:
         self.checkpoint.offer({"serial": t.serial, "restarts": t.restarts,
                                "states": [st.to_body() for st in t.states],
                                "locator": t.written.copy().to_body(),
-                               "data": t.data_bytes, "earlier": earlier},
-                              time.monotonic())
+                               "data": t.data_bytes, "earlier": earlier}, now)
 
     def _resumed(self, stack: ExitStack, t: Transfer, rec: dict[str, Any], ring: Ring,
                  writer_args: dict[str, Any], n_streams: int, slots: int) -> dict[str, Any]:

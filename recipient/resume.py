@@ -127,6 +127,11 @@ class Checkpoint:
         if self._thread.is_alive():
             self._thread.join(60.0)
 
+    def due(self, now: float) -> bool:
+        """Whether :meth:`offer` would take a state now (the caller may skip making
+        one: that is most turns of the copy loop)."""
+        return now >= self._next
+
     def offer(self, state: dict[str, Any], now: float, force: bool = False) -> None:
         """Where the clone stands now (the locator taken before any later write): kept
         for the next record. Cheap: called on every turn of the copy loop."""

@@ -564,6 +564,7 @@ class Transfer:
             poller.register(sock, zmq.POLLIN)
         watched: set[int] = set()
         _watch(poller, writers, watched)
+        unstarted = writers.started_at is None  # a lazy pool: watched once it starts
         last_heard = last_ping = self.last_word = time.monotonic()
         self.tuner.reset(last_heard, self.data_bytes, len(self.streams))
         while not (complete and self.blocks_done == total_blocks):
@@ -584,8 +585,9 @@ class Transfer:
                     complete = complete or done
                     if progressed:
                         last_heard = now
-            if len(watched) < len(writers.fds):  # a lazy pool started
+            if unstarted and writers.started_at is not None:
                 _watch(poller, writers, watched)
+                unstarted = False
             if self._acknowledge(writers, ring, origin):
                 last_ping = last_heard = now
             if now - last_ping > PING_EVERY:

@@ -43,6 +43,9 @@ def test_every_field_comes_back_as_it_went_in(entries: list[M.Entry]) -> None:
         made.append(e)
     assert len(table) == len(made)
     assert table[:] == made and list(table) == made
+    # what the donor sends, from the columns, is what each Entry would send
+    assert table.wire(0, len(made) + 3) == [e.to_wire() for e in made]
+    assert table.wire(1, 2) == [e.to_wire() for e in made[1:2]]
     for e in made:
         assert table.get(e.id) == e and table.rel(e.id) == e.rel
 
