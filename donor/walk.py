@@ -199,8 +199,7 @@ class Scanner:
         if kind != "d" and st.st_nlink > 1:
             first = self.inodes.setdefault((st.st_dev, st.st_ino), fid)
             if first != fid:
-                entries.append("h", rel, 0, stat.S_IMODE(st.st_mode), mtime,
-                               link=first, path=path)
+                entries.append("h", rel, 0, stat.S_IMODE(st.st_mode), mtime, link=first)
                 return "h"
         mode = stat.S_IMODE(st.st_mode)
         uid, gid = st.st_uid, st.st_gid
@@ -228,12 +227,19 @@ class Scanner:
             wide += 6 * len(target)
         if wide > self.tree.widest:
             self.tree.widest = wide
-        entries.append(
-            kind, rel, st.st_size if kind == "f" else 0, mode, mtime,
-            dense=kind == "f" and st.st_blocks * 512 >= st.st_size, uid=uid, gid=gid,
-            atime_ns=atime, ctime_ns=ctime, path=path, target=target,
-            rdev=st.st_rdev if kind in ("c", "b") else 0, xattrs=xattrs, acl=acc,
-            dacl=dflt, names=first_named)
+        # (the donor's path of every entry is the table's root and its name: not given)
+        if target or xattrs or acc or dflt or first_named or kind in ("c", "b"):
+            entries.append(
+                kind, rel, st.st_size if kind == "f" else 0, mode, mtime,
+                dense=kind == "f" and st.st_blocks * 512 >= st.st_size, uid=uid, gid=gid,
+                atime_ns=atime, ctime_ns=ctime, target=target,
+                rdev=st.st_rdev if kind in ("c", "b") else 0, xattrs=xattrs, acl=acc,
+                dacl=dflt, names=first_named)
+        else:  # the usual entry: no field of the rare ones
+            entries.append(
+                kind, rel, st.st_size if kind == "f" else 0, mode, mtime,
+                dense=kind == "f" and st.st_blocks * 512 >= st.st_size, uid=uid, gid=gid,
+                atime_ns=atime, ctime_ns=ctime)
         return kind
 
     def _xattrs(self, rel: str, dir_fd: int, name: str | None, kind: str, path: str

@@ -80,7 +80,7 @@ class Table:
             self._truncate(fid)  # all of the entry or none of it: the columns stay aligned
             raise
         self._names += name
-        kept = {k: v for k, v in rare.items() if v != _RARE[k]}
+        kept = {k: v for k, v in rare.items() if v != _RARE[k]} if rare else {}
         if path and path != self._path(rel):
             kept["path"] = path
         if kept:
