@@ -62,10 +62,11 @@ def _server(datadir: str, url: str, copy_to: str | None) -> DonorServer:
     class LocalServer(DonorServer):
         pools_ready_first = False
 
-        def _pool(self, name: str, target: str, pool_args: dict[str, Any]) -> Any:
+        def _pool(self, name: str, target: str, pool_args: dict[str, Any],
+                  wait: bool | None = None) -> Any:
             if copy_to and target == "donor.reader:Reader":
                 pool_args = {**pool_args, "copy_to": copy_to}
-            return super()._pool(name, target, pool_args)
+            return super()._pool(name, target, pool_args, wait)
 
     server = LocalServer(datadir, "local", 0, url=url)
     if copy_to:

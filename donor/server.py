@@ -46,6 +46,7 @@ from engine.errors import (
     NotADataDirectory,
     ProtocolError,
     QueryInterrupted,
+    StageCrashed,
     TooManyClones,
     UsageError,
 )
@@ -264,13 +265,14 @@ class DonorServer:
             self._workload_thread = None
 
     # -- the worker pools -----------------------------------------------------------------
-    def _pool(self, name: str, target: str, args: dict[str, Any]) -> Pipeline:
-        """A started pool whose workers are ready (unless :attr:`pools_ready_first` is
-        off); on failure, none is left running."""
+    def _pool(self, name: str, target: str, args: dict[str, Any],
+              wait: bool | None = None) -> Pipeline:
+        """A started pool whose workers are ready (``wait``, by default
+        :attr:`pools_ready_first`); on failure, none is left running."""
         pool = Pipeline(name, target, self.n_readers, args)
         try:
             pool.start()
-            if self.pools_ready_first:
+            if self.pools_ready_first if wait is None else wait:
                 pool.wait_ready(POOL_READY_TIMEOUT)
         except BaseException:
             pool.close(abort=True)
@@ -278,19 +280,22 @@ class DonorServer:
         _watch(self.poller, pool)
         return pool
 
-    def _start_readers(self) -> None:
+    def _start_readers(self, wait: bool | None = None) -> None:
         assert self.ring is not None
         self.readers = self._pool(
             "reader", "donor.reader:Reader",
             {"ring": self.ring.name, "capacity": self.ring.capacity,
-             "slot_size": self.ring.slot_size, "faults": self.faults, "root": self.datadir})
+             "slot_size": self.ring.slot_size, "faults": self.faults, "root": self.datadir},
+            wait)
 
     def _restart_readers(self) -> None:
         assert self.readers is not None
         _unwatch(self.poller, self.readers)
         self.readers.close(abort=True)
         self.readers = None
-        self._start_readers()
+        # Ready before serving again, even where the first start was not awaited: a
+        # reader that fails as it starts then fails the server, not a loop of restarts.
+        self._start_readers(wait=True)
 
     def _start_compressors(self) -> None:
         """At the first clone that asks for compression: a send ring and the pool."""
@@ -585,7 +590,7 @@ class DonorServer:
             if ex.what == "files":
                 self.send(ident, P.FILES, s.files_page(ex.page).to_body())
             elif ex.what == "data":
-                stream.credit = ex.credit
+                s.data(stream, ex.credit)
             else:
                 self.send(ident, P.STATE, s.next_state(ex.state).to_body())
         elif msg.kind == P.ACK:
@@ -675,7 +680,12 @@ class DonorServer:
                         s.clone_id, now - s.last_heard)
             self.end_session(None, send_error=False)
             return
-        s.pump(now)
+        try:
+            s.pump(now)
+        except StageCrashed as exc:  # a worker's channel closed under a read: it died
+            log.error("%s", exc.message)
+            self.end_session(exc, send_error=True)
+            self._pool_events()  # its pool restarted (or the compressors stopped)
 
     def end_session(self, err: CloneError | None, send_error: bool) -> None:
         s = self.session
@@ -688,4 +698,7 @@ class DonorServer:
         self.gate.forget(s.streams)
         if self.readers is not None:
             # reads still in a reader come back tagged with the old clone: freed then
-            self.readers.broadcast(["reset"])
+            try:
+                self.readers.broadcast(["reset"])
+            except CloneError:  # a reader died: the pools' events restart them
+                pass

@@ -175,6 +175,10 @@ class Session:
         #: says which of them arrived
         self.inflight_seqs: list[int] = []
         self.credited = False  #: the recipient has given credit (any)
+        #: the recipient has asked for data (EXECUTE data): until then it reads the
+        #: manifest, and a COMPLETE (at once, for a tree without data) would come in
+        #: the place of a FILES page
+        self.data_asked = False
         self.start_state("FILE COPY", plan(self.entries, self.block_size,
                                            check=self.snapshot is None,
                                            lanes=server.lanes), "read")
@@ -261,6 +265,12 @@ class Session:
         if stream is None:
             raise ProtocolError("a stream that did not ATTACH")
         return stream
+
+    def data(self, stream: Stream, credit: int) -> None:
+        """EXECUTE data: the stream's credit, and the manifest read."""
+        stream.credit = credit
+        self.data_asked = True
+        self.credited = self.credited or credit > 0
 
     def ack(self, stream: Stream, ack: M.Ack) -> list[tuple[int, int, Any]]:
         """Blocks written on the recipient: their slots, to free once ZeroMQ is done."""
@@ -387,7 +397,7 @@ class Session:
         again = [e for e in map(self._restat, todo) if e is not None]
         self.passes += 1
         self.again = 0
-        blocks = plan(again, self.block_size)
+        blocks = plan(again, self.block_size, lanes=self.server.lanes)
         self.start_state("FILE COPY", blocks, "read")
         log.info("clone %d: FILE COPY pass %d, %d files, %d blocks", self.clone_id,
                  self.passes, len(again), len(blocks))
@@ -424,7 +434,7 @@ class Session:
         self._compress()
         if not self._send(now):
             return
-        if self.acked == len(self.blocks) and not self.complete_sent:
+        if self.data_asked and self.acked == len(self.blocks) and not self.complete_sent:
             self.complete_sent = True
             if self.server.send(self.master, P.COMPLETE, self._complete().to_body()) is None:
                 self.complete_sent = False

@@ -274,8 +274,8 @@ class Manifest:
         dirs = []
         items, done = self.items, self.done
         for fid in range(len(items)):
-            # An entry is made only for what is left to do: most files of a tree of
-            # small ones were finished as their blocks were written.
+            # An entry is made only for what is left to do (on the normal path, most
+            # files of a tree of small ones were finished as their blocks were written).
             if items.kind(fid) == "d":
                 item = items.get(fid)
                 if item is not None and item.rel != M.TOP:

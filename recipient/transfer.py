@@ -680,9 +680,10 @@ class Transfer:
         if writers.lazy and (desc.length == 0 or (
                 writers.started_at is None and self.local_bytes + desc.length <= LOCAL_BYTES)):
             # clone-local's fast path: a block without bytes (the donor's reader copied
-            # them) only finishes its small files, cheaper here than a hop to a writer
-            # and back; the few blocks that come through the ring (a directory not yet
-            # made, a small page store's pages) too, before writers are worth starting.
+            # them, and FILE SYNC finishes its files) has nothing to write: answered
+            # here, without a hop to a writer and back; the few blocks that come through
+            # the ring (a small page store's pages) too, before writers are worth
+            # starting.
             self.local_bytes += desc.length
             assert self.local is not None
             self.answers.append(self.local.handle(order.to_wire()))
