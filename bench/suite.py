@@ -444,12 +444,6 @@ def _target(name: str, value: float | None, limit: float, held: bool | None, uni
             "limit": limit, "held": held, "unit": unit, "basis": basis}
 
 
-def _encrypted_ratio(plain: dict[str, Any], enc: dict[str, Any]) -> tuple[float, str]:
-    """The encrypted clone's time over the plain one's: the median of per-round ratios
-    when both have the same rounds, else the ratio of medians."""
-    return _pair_ratio(plain, enc)
-
-
 def _pair_ratio(base: dict[str, Any], other: dict[str, Any]) -> tuple[float, str]:
     """``other``'s time over ``base``'s: the median of per-round ratios when both have
     the same rounds (they ran interleaved), else the ratio of medians."""
@@ -489,7 +483,7 @@ def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                            f"agent/tool, worst shape: {worst}"))
     out.append(_worst_pair(
         f"encrypted clone at most {TARGET_ENCRYPTED}x the plain clone's time",
-        {shape: _encrypted_ratio(t["clone-agent"], t["clone-agent encrypted"])
+        {shape: _pair_ratio(t["clone-agent"], t["clone-agent encrypted"])
          for shape, t in by_shape.items()
          if {"clone-agent", "clone-agent encrypted"} <= t.keys()},
         TARGET_ENCRYPTED, "no encrypted clone in this run"))

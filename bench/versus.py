@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import signal
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ import psutil
 
 from bench import datasets
 from bench.demo import free_port
+from bench.suite import _children_cpu, _tree_cpu
 from engine.fsutil import syncfs
 
 HERE = str(Path(__file__).resolve().parent.parent)
@@ -67,25 +67,6 @@ def _serve(tree: str, src: Path) -> tuple[subprocess.Popen[str], int]:
     return proc, port
 
 
-def _children_cpu() -> float:
-    use = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return use.ru_utime + use.ru_stime
-
-
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds of a running process and its descendants so far (those that ended
-    and were waited for included)."""
-    total = 0.0
-    try:
-        proc = psutil.Process(pid)
-        for p in [proc, *proc.children(recursive=True)]:
-            t = p.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-    except psutil.NoSuchProcess:
-        pass
-    return total
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("other", help="another checkout of clone-agent (a git worktree)")
@@ -119,7 +100,8 @@ def main() -> None:
                     cmd = ["clone-local", str(src), "--data-dir", dest] if args.local else \
                         ["pull", f"bench@127.0.0.1:{serves[name][1]}", "--data-dir", dest,
                          "--max-concurrency", "4", *plain[name]]
-                    donor_cpu = _tree_cpu(serves[name][0].pid) if serves else 0.0
+                    donor = psutil.Process(serves[name][0].pid) if serves else None
+                    donor_cpu = _tree_cpu(donor) if donor is not None else 0.0
                     own_cpu = _children_cpu()
                     started = time.monotonic()
                     res = subprocess.run([sys.executable, "-m", "clone_agent.cli", *cmd],
@@ -129,7 +111,7 @@ def main() -> None:
                     if res.returncode != 0:
                         raise SystemExit(f"{name}: {cmd[0]} failed: {res.stderr[-400:]}")
                     cpu = _children_cpu() - own_cpu + \
-                        (_tree_cpu(serves[name][0].pid) - donor_cpu if serves else 0.0)
+                        (_tree_cpu(donor) - donor_cpu if donor is not None else 0.0)
                     times[name].append(wall)
                     cpus[name].append(cpu)
                     print(f"round {r + 1}/{args.rounds} {name:<5} {wall:6.2f} s "

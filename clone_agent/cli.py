@@ -809,8 +809,8 @@ def clone_local(
         # The fast path (docs/copies.md): the donor's readers copy file data into the
         # destination with copy_file_range, and the recipient leaves it to them.
         direct = direct_copy(config)
-        # The donor's process starts before the recipient's modules are imported, so
-        # that its start (an interpreter, its imports, its readers) overlaps theirs.
+        # The donor's thread starts before the recipient's modules are imported, so
+        # that its start (its imports, its readers) overlaps theirs.
         donor = LocalDonor(str(datadir), copy_to=dest if direct else None).start()
     try:
         from recipient.client import PullOptions

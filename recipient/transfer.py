@@ -78,8 +78,8 @@ log = logging.getLogger("clone_agent.recipient")
 START_STREAMS = 1
 WRITERS_READY_TIMEOUT = 60.0  #: seconds for the writer processes to start
 #: On clone-local's fast path, bytes of ring blocks the coordinator writes itself before
-#: it starts writer processes (a few blocks: a directory not yet made when its first
-#: file was read, a small page store's PAGE COPY; more is worth the processes).
+#: it starts writer processes (a few blocks: a small page store's PAGE COPY, the first
+#: of a fallback to the ring; more is worth the processes).
 LOCAL_BYTES = 32 << 20
 #: FILES pages asked for ahead of the one being checked: the round trips overlap with
 #: the checks and the directories made, and at most this many pages wait in memory.
